@@ -1,0 +1,77 @@
+"""Tiny random-weight models of real architectures (SD1.5-like UNet eps/v, SD3 MMDiT, Flux) for smoke tests.
+
+They run through exactly the host's code paths (supported_models config, BaseModel, ModelPatcher, conds) at a
+size a CPU samples in milliseconds. All use a 3-channel identity latent format, so core EmptyLatentImage,
+the "pixel_space" VAE and VAEDecode work with them unchanged. Weights are seeded, so a graph is reproducible.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models
+
+ARCHS = ("sd15_eps", "sd15_v", "sd3", "flux")
+CONTEXT_DIM = {"sd15_eps": 64, "sd15_v": 64, "sd3": 32, "flux": 32}
+CHANNELS = 3
+
+_SD15 = dict(image_size=32, in_channels=CHANNELS, out_channels=CHANNELS, model_channels=32, num_res_blocks=[1, 1],
+             channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
+             transformer_depth_middle=1, context_dim=64, use_linear_in_transformer=False, adm_in_channels=None,
+             use_spatial_transformer=True, legacy=False, use_checkpoint=False, use_temporal_resblock=False,
+             use_temporal_attention=False)
+_FLUX = dict(image_model="flux", in_channels=CHANNELS, out_channels=CHANNELS, vec_in_dim=32, context_in_dim=32,
+             hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
+             theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+_SD3 = dict(in_channels=CHANNELS, out_channels=CHANNELS, patch_size=2, depth=2, adm_in_channels=32,
+            context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
+            pos_embed_max_size=16, num_patches=256, pos_embed_scaling_factor=None, input_size=None,
+            x_block_self_attn_layers=[])
+
+
+def _init_weights(module: torch.nn.Module, seed: int) -> None:
+    """comfy ops skip initialisation: fill every parameter deterministically (norm weights 1, biases 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            elif "norm" in name and name.endswith("weight") or name.endswith(".scale"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def build_model(arch: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher around a tiny random-weight model of `arch` (one of ARCHS)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    with torch.inference_mode(False):
+        if arch.startswith("sd15"):
+            config = comfy.supported_models.SD15(dict(_SD15))
+            mtype = comfy.model_base.ModelType.V_PREDICTION if arch == "sd15_v" else comfy.model_base.ModelType.EPS
+            model = comfy.model_base.BaseModel(config, model_type=mtype)
+        elif arch == "flux":
+            model = comfy.supported_models.Flux(dict(_FLUX)).get_model({})
+        else:
+            model = comfy.supported_models.SD3(dict(_SD3)).get_model({})
+        _init_weights(model.diffusion_model, seed)
+    model.latent_format = comfy.latent_formats.ChromaRadiance()
+    model.model_config.latent_format = model.latent_format
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def build_conditioning(arch: str, seed: int, *, tokens: int = 4, batch: int = 1) -> list:
+    """Conditioning in the family's format: [[context (B, T, D), {pooled_output, guidance…}]]."""
+    gen = torch.Generator().manual_seed(seed)
+    context = torch.randn(batch, tokens, CONTEXT_DIM[arch], generator=gen)
+    extra = {}
+    if arch in ("sd3", "flux"):
+        extra["pooled_output"] = torch.randn(batch, 32, generator=gen)
+    if arch == "flux":
+        extra["guidance"] = 3.5
+    return [[context, extra]]

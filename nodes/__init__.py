@@ -1,0 +1,7 @@
+"""UI schemas of Guidance Lab. Each family module registers its nodes on import (explicit list below)."""
+from __future__ import annotations
+
+from . import apg, cfgpp, tiny_model  # noqa: F401  (imports register the nodes)
+from ._registry import NODES
+
+__all__ = ["NODES"]
