@@ -1,12 +1,16 @@
-"""Guidance Lab — diffusion guidance research as ComfyUI nodes (V3 extension entry point)."""
-from comfy_api.latest import ComfyExtension
+"""Guidance Lab — diffusion guidance research as ComfyUI nodes (V3 extension entry point).
+
+Nothing is imported at module level, so tools that import the folder as a package (pytest) need no host.
+"""
 
 
-class GuidanceLabExtension(ComfyExtension):
-    async def get_node_list(self):
-        from .nodes import NODES
-        return list(NODES)
+async def comfy_entrypoint():
+    from comfy_api.latest import ComfyExtension
 
+    from .nodes import NODES
 
-async def comfy_entrypoint() -> GuidanceLabExtension:
+    class GuidanceLabExtension(ComfyExtension):
+        async def get_node_list(self):
+            return list(NODES)
+
     return GuidanceLabExtension()

@@ -33,16 +33,23 @@ _SD3 = dict(in_channels=CHANNELS, out_channels=CHANNELS, patch_size=2, depth=2, 
 
 
 def _init_weights(module: torch.nn.Module, seed: int) -> None:
-    """comfy ops skip initialisation: fill every parameter deterministically (norm weights 1, biases 0)."""
+    """comfy ops skip initialisation: fill every parameter deterministically.
+
+    Matrices and kernels: normal with std 1/sqrt(fan_in), so activations stay O(1) and the conditioning has a
+    real effect; normalisation layers (found by class, whatever their parameter names): weight 1, bias 0;
+    every other vector: 0.
+    """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-            elif "norm" in name and name.endswith("weight") or name.endswith(".scale"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
+        for mod in module.modules():
+            is_norm = "Norm" in type(mod).__name__
+            for name, p in mod.named_parameters(recurse=False):
+                if is_norm:
+                    p.fill_(0.0 if name == "bias" else 1.0)
+                elif p.ndim >= 2:
+                    p.copy_(torch.randn(p.shape, generator=gen) * max(1, p[0].numel()) ** -0.5)
+                else:
+                    p.zero_()
 
 
 def build_model(arch: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:

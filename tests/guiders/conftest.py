@@ -1,0 +1,26 @@
+"""Host tier: boots the real ComfyUI before collection (test modules import comfy at module level)."""
+from __future__ import annotations
+
+import host as _host
+import pytest
+
+_host.boot()
+
+
+@pytest.fixture(scope="session")
+def tiny(host):
+    """tiny(arch, seed=0) -> ModelPatcher (cached per arch/seed)."""
+    builder = host.pack("guiders.tiny_models")
+    cache = {}
+
+    def get(arch, seed=0):
+        if (arch, seed) not in cache:
+            cache[(arch, seed)] = builder.build_model(arch, seed)
+        return cache[(arch, seed)]
+    return get
+
+
+@pytest.fixture(scope="session")
+def cond(host):
+    builder = host.pack("guiders.tiny_models")
+    return builder.build_conditioning
