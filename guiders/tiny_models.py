@@ -37,7 +37,8 @@ def _init_weights(module: torch.nn.Module, seed: int) -> None:
 
     Matrices and kernels: normal with std 1/sqrt(fan_in), so activations stay O(1) and the conditioning has a
     real effect; normalisation layers (found by class, whatever their parameter names): weight 1, bias 0;
-    every other vector: 0.
+    every other vector: 0. Floating buffers left uninitialised by the host (SD3's `pos_embed` is
+    `torch.empty`) get a seeded normal(0, 0.02).
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -50,6 +51,9 @@ def _init_weights(module: torch.nn.Module, seed: int) -> None:
                     p.copy_(torch.randn(p.shape, generator=gen) * max(1, p[0].numel()) ** -0.5)
                 else:
                     p.zero_()
+        for _name, b in module.named_buffers():
+            if b.is_floating_point():
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
 
 
 def build_model(arch: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:

@@ -1,7 +1,8 @@
 """UI-format ComfyUI workflows -> API format, and a tiny client for a headless server (stdlib only).
 
     python scripts/workflow_api.py run --server http://127.0.0.1:8188 --out demo_output workflows/*.json
-    python scripts/workflow_api.py convert --server http://127.0.0.1:8188 workflows/apg.json > apg_api.json
+    python scripts/workflow_api.py convert --server http://127.0.0.1:8188 workflows/apg.json > apg_api.json  # one file
+    python scripts/workflow_api.py wait --server http://127.0.0.1:8188 --timeout 180 [--pid SERVER_PID]
 
 The editor saves *UI format* (nodes, links, positional widget values); POST /prompt only accepts *API format*
 ({id: {class_type, inputs}}). ComfyUI 0.3.75 has no server-side converter (the frontend's graph-to-prompt
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 import urllib.error
@@ -33,7 +36,7 @@ class WorkflowError(ValueError):
 
 # ---------------------------------------------------------------- conversion
 
-def _input_specs(info: dict) -> list[tuple[str, object, dict]]:
+def input_specs(info: dict) -> list[tuple[str, object, dict]]:
     """(name, type, options) of a node class's inputs: required then optional, in declared order."""
     specs = []
     inputs, order = info.get("input", {}), info.get("input_order") or {}
@@ -45,11 +48,11 @@ def _input_specs(info: dict) -> list[tuple[str, object, dict]]:
     return specs
 
 
-def _is_widget(type_, opts: dict) -> bool:
+def is_widget(type_, opts: dict) -> bool:
     return isinstance(type_, list) or (type_ in WIDGET_TYPES and not opts.get("forceInput"))
 
 
-def _extras_after(name: str, type_, opts: dict) -> int:
+def widget_extras(name: str, type_, opts: dict) -> int:
     """Frontend-only widget values that follow this widget's value ("control_after_generate" and friends)."""
     if type_ == "INT":
         return 1 if opts.get("control_after_generate", name in SEED_NAMES) else 0
@@ -60,7 +63,7 @@ def _extras_after(name: str, type_, opts: dict) -> int:
 
 def _widget_values(node: dict, specs) -> dict:
     values = node.get("widgets_values") or []
-    widgets = [(name, type_, opts) for name, type_, opts in specs if _is_widget(type_, opts)]
+    widgets = [(name, type_, opts) for name, type_, opts in specs if is_widget(type_, opts)]
     if isinstance(values, dict):                           # some nodes save {name: value}
         return {name: values[name] for name, _, _ in widgets if name in values}
     out, i = {}, 0
@@ -69,7 +72,7 @@ def _widget_values(node: dict, specs) -> dict:
             break
         if values[i] is not None:
             out[name] = values[i]
-        i += 1 + _extras_after(name, type_, opts)
+        i += 1 + widget_extras(name, type_, opts)
     return out
 
 
@@ -120,7 +123,7 @@ def ui_to_api(ui_workflow: dict, object_info: dict) -> dict:
         info = object_info.get(node["type"])
         if info is None or node.get("mode") in (MODE_MUTED, MODE_BYPASSED):
             continue
-        specs = _input_specs(info)
+        specs = input_specs(info)
         values = _widget_values(node, specs)
         linked = {inp["name"]: inp for inp in node.get("inputs") or [] if inp.get("link") is not None}
         inputs = {}
@@ -170,14 +173,19 @@ def object_info_in_process() -> dict:
                 info[attr.lower()] = True
         return info
 
+    out = {}
     with folder_paths.cache_helper:
-        out = {name: node_info(name, cls) for name, cls in nodes.NODE_CLASS_MAPPINGS.items()}
+        for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+            try:
+                out[name] = node_info(name, cls)
+            except Exception:                                # the server logs and skips such a node, too
+                logging.exception("object_info: node %s skipped", name)
     return json.loads(json.dumps(out, default=str))          # the JSON round trip the HTTP answer takes
 
 
 # ---------------------------------------------------------------- HTTP client
 
-def _http(base_url: str, path: str, payload=None, timeout: float = 30.0, raw: bool = False):
+def request(base_url: str, path: str, payload=None, timeout: float = 30.0, raw: bool = False):
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(base_url.rstrip("/") + path, data=data,
                                  headers={"Content-Type": "application/json"} if data else {})
@@ -190,7 +198,7 @@ def _http(base_url: str, path: str, payload=None, timeout: float = 30.0, raw: bo
 
 
 def object_info(base_url: str) -> dict:
-    return _http(base_url, "/object_info")
+    return request(base_url, "/object_info")
 
 
 def wait_for_server(base_url: str, timeout: float = 120.0, alive=lambda: True) -> dict:
@@ -210,10 +218,10 @@ def queue_and_wait(base_url: str, api_prompt: dict, timeout: float = 300.0, *, u
     payload = {"prompt": api_prompt, "client_id": uuid.uuid4().hex}
     if ui_workflow is not None:                            # embedded in the PNGs, so they reopen in the editor
         payload["extra_data"] = {"extra_pnginfo": {"workflow": ui_workflow}}
-    prompt_id = _http(base_url, "/prompt", payload)["prompt_id"]
+    prompt_id = request(base_url, "/prompt", payload)["prompt_id"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        entry = _http(base_url, f"/history/{prompt_id}").get(prompt_id)
+        entry = request(base_url, f"/history/{prompt_id}").get(prompt_id)
         if entry and entry.get("status", {}).get("completed") is not None:
             if entry["status"].get("status_str") != "success":
                 errors = [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
@@ -230,27 +238,49 @@ def output_images(entry: dict) -> list[dict]:
 
 def download(base_url: str, image: dict, dest: Path) -> Path:
     query = urllib.parse.urlencode({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
-    dest.write_bytes(_http(base_url, f"/view?{query}", raw=True))
+    dest.write_bytes(request(base_url, f"/view?{query}", raw=True))
     return dest
 
 
 # ---------------------------------------------------------------- CLI
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "convert"):
+    for name in ("run", "convert", "wait"):
         p = sub.add_parser(name)
         p.add_argument("--server", default="http://127.0.0.1:8188")
+        if name == "wait":
+            p.add_argument("--timeout", type=float, default=180.0)
+            p.add_argument("--pid", type=int, help="give up early when this (server) process has exited")
+            continue
         p.add_argument("workflows", nargs="+", type=Path)
         if name == "run":
             p.add_argument("--out", type=Path, required=True, help="folder for the images")
             p.add_argument("--timeout", type=float, default=300.0, help="seconds per workflow")
     args = parser.parse_args(argv)
+    if args.cmd == "wait":
+        try:
+            wait_for_server(args.server, args.timeout, alive=lambda: args.pid is None or _alive(args.pid))
+        except TimeoutError as err:
+            print(err, file=sys.stderr)
+            return 1
+        print(f"server up at {args.server}")
+        return 0
     info = object_info(args.server)
     failed = 0
     for path in args.workflows:
-        ui = json.loads(path.read_text())
+        ui = json.loads(path.read_text(encoding="utf-8"))
         if args.cmd == "convert":
             print(json.dumps(ui_to_api(ui, info), indent=2))
             continue

@@ -65,6 +65,9 @@ def boot() -> Host:
     from comfy.cli_args import args
     args.cpu = os.environ.get("GL_TEST_DEVICE", "cpu") == "cpu"
     args.disable_api_nodes = True
+    import torch
+    # tiny models gain nothing from threads, and on a 2-core machine a busy neighbour makes 2 threads stall
+    torch.set_num_threads(int(os.environ.get("GL_TEST_THREADS", "1")))
     workdir = Path(tempfile.mkdtemp(prefix="gl-host-"))
     custom = workdir / "custom_nodes"
     custom.mkdir()

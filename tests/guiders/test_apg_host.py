@@ -70,7 +70,8 @@ def test_momentum_matters_and_heun_advances_once_per_step(apg, tiny, cond):
     assert seen == [0, 1, 1, 2, 2, 3, 3]
 
 
-@pytest.mark.parametrize("node,widgets", [("CFGZeroStar", {}), ("RescaleCFG", {"multiplier": 0.7})])
+@pytest.mark.parametrize("node,widgets", [("CFGZeroStar", {}), ("RescaleCFG", {"multiplier": 0.7}),
+                                          ("PerturbedAttentionGuidance", {"scale": 3.0})])
 def test_stacks_with_core_post_cfg_nodes(apg, tiny, cond, node, widgets):
     import nodes
     core = nodes.NODE_CLASS_MAPPINGS[node]

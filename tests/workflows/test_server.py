@@ -1,0 +1,103 @@
+"""The pack in a real headless server (main.py --cpu on a loopback port): it imports cleanly, its nodes and
+example workflows are served, and every workflow converts, queues over HTTP and writes its images."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from test_workflows import REPO, WORKFLOWS, wa
+
+import host as host_module
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+PACK = host_module.PACK_FOLDER
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = host_module.comfy_root()
+    base = tmp_path_factory.mktemp("comfy-base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK).symlink_to(REPO, target_is_directory=True)
+    port = _free_port()
+    log_path = base / "server.log"
+    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+           "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(base),
+           "--database-url", "sqlite:///:memory:"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}      # tiny models; avoids OpenMP stalls on a busy small machine
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            info = wa.wait_for_server(url, timeout=240, alive=lambda: proc.poll() is None)
+        except TimeoutError:
+            pytest.fail(f"server did not come up (exit code {proc.poll()}):\n{log_path.read_text()[-4000:]}")
+        yield SimpleNamespace(url=url, info=info, base=base, log=lambda: log_path.read_text())
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_pack_imports_cleanly(server):
+    keys = ("IMPORT FAILED", "Cannot import", "Error while calling comfy_entrypoint")
+    bad = [line for line in server.log().splitlines() if PACK in line and any(k in line for k in keys)]
+    assert not bad, "\n".join(bad)
+    for node in ("GL_APG", "GL_SamplerCFGPP", "GL_TinyTestModel"):
+        assert node in server.info
+        assert server.info[node]["python_module"] == f"custom_nodes.{PACK}"
+
+
+def test_in_process_object_info_matches_the_server(server, host):
+    """scripts/workflow_api.object_info_in_process (used by the in-process tests) answers like GET /object_info."""
+    local = wa.object_info_in_process()
+    used = {n["type"] for path in WORKFLOWS for n in json.loads(path.read_text(encoding="utf-8"))["nodes"]}
+    for name in sorted(used & set(server.info)):
+        assert local[name] == server.info[name], name
+
+
+def test_example_workflows_are_served(server):
+    templates = wa.request(server.url, "/workflow_templates")
+    assert sorted(templates.get(PACK, [])) == sorted(p.stem for p in WORKFLOWS)
+    served = wa.request(server.url, f"/api/workflow_templates/{PACK}/{WORKFLOWS[0].name}")
+    assert served == json.loads(WORKFLOWS[0].read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_over_http(server, path, tmp_path):
+    ui = json.loads(path.read_text(encoding="utf-8"))
+    entry = wa.queue_and_wait(server.url, wa.ui_to_api(ui, server.info), timeout=240, ui_workflow=ui)
+    assert entry["status"]["status_str"] == "success"
+    images = wa.output_images(entry)
+    batch = next(n for n in ui["nodes"] if n["type"] == "EmptyLatentImage")["widgets_values"][2]
+    assert len(images) == batch
+    on_disk = [server.base / "output" / img["subfolder"] / img["filename"] for img in images]
+    assert all(img["type"] == "output" and img["subfolder"] == "GuidanceLab" for img in images)
+    assert all(path.stat().st_size > 0 for path in on_disk)
+    fetched = wa.download(server.url, images[0], tmp_path / "view.png")     # GET /view returns the same file
+    assert fetched.read_bytes() == on_disk[0].read_bytes()
+
+
+def test_server_rejects_an_invalid_prompt(server):
+    ui = json.loads((REPO / "workflows" / "apg.json").read_text(encoding="utf-8"))
+    prompt = wa.ui_to_api(ui, server.info)
+    apg = next(v for v in prompt.values() if v["class_type"] == "GL_APG")
+    apg["inputs"]["start_percent"], apg["inputs"]["end_percent"] = 0.8, 0.2
+    with pytest.raises(wa.WorkflowError, match="start_percent"):
+        wa.queue_and_wait(server.url, prompt, timeout=60)
