@@ -101,3 +101,16 @@ def test_server_rejects_an_invalid_prompt(server):
     apg["inputs"]["start_percent"], apg["inputs"]["end_percent"] = 0.8, 0.2
     with pytest.raises(wa.WorkflowError, match="start_percent"):
         wa.queue_and_wait(server.url, prompt, timeout=60)
+
+
+def test_runtime_error_is_clear_and_server_keeps_serving(server):
+    """cfg 7 on the CFG++ sampler (λ ∈ [0, 1]) fails with an error naming the node and the fix; the next prompt
+    runs normally."""
+    ui = json.loads((REPO / "workflows" / "cfgpp.json").read_text(encoding="utf-8"))
+    prompt = wa.ui_to_api(ui, server.info)
+    sampler = next(v for v in prompt.values() if v["class_type"] == "SamplerCustom")
+    good_cfg, sampler["inputs"]["cfg"] = sampler["inputs"]["cfg"], 7.0
+    with pytest.raises(wa.WorkflowError, match=r"GL_SamplerCFGPP.*cfg = 7.*0\.6"):
+        wa.queue_and_wait(server.url, prompt, timeout=120)
+    sampler["inputs"]["cfg"] = good_cfg
+    assert wa.queue_and_wait(server.url, prompt, timeout=120)["status"]["status_str"] == "success"
