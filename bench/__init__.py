@@ -1,0 +1,1 @@
+"""Benchmarks and the demo-world evaluation suite (results go to BENCHMARKS.md)."""
