@@ -1,0 +1,786 @@
+"""Quality of guidance methods on the pack's demo model, measured through the real ComfyUI execution path.
+
+    python bench/quality.py [--weights PATH] [--quick] [--images N] [--out BENCHMARKS.md] [--grid PATH]
+
+Boots ComfyUI in-process on the CPU exactly as the tests do (tests/host.py: $GL_COMFYUI_ROOT, else $COMFYUI_PATH,
+else the copy scripts/setup.sh installs) and executes, with `execution.PromptExecutor`, one API-format graph per
+(configuration, prompt) built from the nodes users use:
+
+    GL_DemoModelLoader ─ MODEL ─ GLBench_CountNFE ─ [GL_APG] ─ KSampler (euler, normal) ─ VAEDecode ─ GLBench_Capture
+                       └ CLIP ─ CLIPTextEncode (prompt) / CLIPTextEncode ("")   EmptyLatentImage 256×256 (32×32 latents)
+    CFG++: GL_SamplerCFGPP (euler) + BasicScheduler (normal) → SamplerCustom (cfg = λ) instead of KSampler
+
+Two bench-only nodes are registered in-process for the run (and removed afterwards): `GLBench_CountNFE`
+(MODEL → MODEL: a clone of the model with a DIFFUSION_MODEL wrapper that adds up the batch rows of every UNet
+call; it changes no value) and `GLBench_Capture` (output node keeping the VAEDecode images as float tensors, so the
+metrics see exactly what SaveImage would write, without a PNG round trip).
+
+Prompts: the held-out single-object captions of the demo world (`demo.world.held_out_captions()`, one per held-out
+(colour, shape, size, background) combination, none of them seen in training) and captions of held-out two-object
+scenes (relations), each sampled `--per-prompt` times in one batch with a fixed seed per prompt (the same seed for
+every configuration, so all methods start from the same noise). Metrics (bench/metrics.py, evaluator in
+bench/weights/): attribute accuracy on the single-object captions, relation accuracy on the two-object captions,
+Fréchet distance to as many real held-out images (the same captions' combinations), within-prompt diversity,
+mean saturation, clipped fraction; NFEs per image (counted) and seconds per image (wall time of the graph).
+
+Writes only the `quality` section of the Markdown file (`--out`, default BENCHMARKS.md), a comparison grid PNG
+(`--grid`: configurations × prompts) and the raw numbers as JSON (`--json`, default bench/results/quality.json).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+if str(REPO / "tests") not in sys.path:             # tests/host.py boots the host as the tests do
+    sys.path.insert(0, str(REPO / "tests"))
+if str(REPO) not in sys.path:                       # appended: ComfyUI's top-level `nodes` must win over ours
+    sys.path.append(str(REPO))
+
+import torch  # noqa: E402
+
+SECTION = "quality"
+TITLE = "Quality of guidance methods on the demo model (CPU)"
+DEFAULT_JSON = BENCH_DIR / "results" / "quality.json"
+IMAGE_SIZE = 32                 # demo model: pixel space, 32×32
+LATENT_WIDGET = 8 * IMAGE_SIZE  # EmptyLatentImage width/height (ComfyUI divides by 8)
+PAIR_SEED = 7                   # world seed of the two-object prompts (held-out pair scenes)
+REF_SEED = 11                   # world seed of the real reference images
+DEFAULT_APG_THRESHOLD = 3.0     # see `--apg-threshold`
+MODERATE_SCALES = (3.0, 5.0, 7.5)
+HIGH_SCALES = (10.0, 15.0)
+
+# table columns (the smoke test checks every one is there)
+COLUMNS = ("configuration", "NFE/image", "attribute acc. (single)", "shape / colour (single)",
+           "relation acc. (pair)", "both objects found (pair)", "Fréchet dist. ↓", "diversity",
+           "saturation", "clipped %", "s/image")
+
+
+# ------------------------------------------------------------------------------------------------ configurations
+@dataclass
+class Config:
+    key: str
+    label: str
+    method: str          # "cfg", "apg" or "cfgpp"
+    scale: float         # KSampler cfg (CFG, APG) or λ (CFG++)
+    short: str = ""      # ASCII label for the grid
+    images: list = field(default_factory=list)      # [B, 3, 32, 32] per prompt, in prompt order
+    nfe: list = field(default_factory=list)         # UNet rows per image, per prompt
+    seconds: list = field(default_factory=list)     # graph wall time per prompt
+    batch: list = field(default_factory=list)
+
+
+def all_configs(apg_threshold: float) -> list[Config]:
+    out = [Config(f"cfg-{s:g}", f"CFG {s:g}", "cfg", s, f"CFG {s:g}") for s in (1.0, 3.0, 5.0, 7.5, 10.0, 15.0)]
+    out += [Config(f"apg-{s:g}", f"APG, cfg {s:g} (η 0, r {apg_threshold:g}, β −0.5)", "apg", s, f"APG cfg {s:g}")
+            for s in (10.0, 15.0)]
+    out += [Config(f"cfgpp-{s:g}", f"CFG++ λ {s:g}", "cfgpp", s, f"CFG++ {s:g}") for s in (0.6, 1.0)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ prompts, reference
+@dataclass
+class Prompt:
+    caption: str
+    kind: str            # "single" or "pair"
+    seed: int
+    combo: tuple | None = None   # (colour, shape, size, background) indices of a single-object prompt
+    scene: dict | None = None    # the held-out pair scene a two-object caption describes (shown in the grid)
+
+
+def make_prompts(n_images: int, per_prompt: int, seed: int) -> list[Prompt]:
+    """ceil(n_images / per_prompt) prompts: about 70 % held-out single-object captions (spread evenly over the
+    held-out combinations, all of them once there are enough prompts), the rest two-object captions of held-out
+    pair scenes; at least one of each kind when there are two prompts or more."""
+    from demo import world
+    singles = world.held_out_captions()
+    combos = world.held_out_combos()
+    n_prompts = max(1, math.ceil(n_images / per_prompt))
+    n_single = min(len(singles), max(1, round(0.7 * n_prompts)))
+    if n_prompts >= 2:
+        n_single = min(n_single, n_prompts - 1)
+    n_pair = n_prompts - n_single
+    picks = [int(i * len(singles) / n_single) for i in range(n_single)]
+    prompts = []
+    for i in picks:
+        color, shape, size, bg = combos[i]
+        combo = (world.COLORS.index(color), world.SHAPES.index(shape), world.SIZES.index(size),
+                 world.BACKGROUNDS.index(bg))
+        prompts.append(Prompt(singles[i], "single", 0, combo))
+    if n_pair:
+        _imgs, captions, labels = world.batch(0, n_pair, seed=PAIR_SEED, kind="pair", split="heldout")
+        prompts += [Prompt(c, "pair", 0, scene=lab) for c, lab in zip(captions, labels)]
+    for k, p in enumerate(prompts):
+        p.seed = seed + k
+    return prompts
+
+
+def reference_images(prompts: list[Prompt], per_prompt: int, copies: int = 2):
+    """`copies` disjoint sets of real held-out images, each as large as the generated set: for a single-object
+    prompt `per_prompt` scenes of its (colour, shape, size, background) combination (any position), for the
+    two-object prompts as many held-out pair scenes. Returns [(images [N, 3, 32, 32], prompts-or-labels)]."""
+    from demo import world
+    need = {}
+    for p in prompts:
+        if p.kind == "single":
+            need[p.combo] = need.get(p.combo, 0) + per_prompt * copies
+    buckets: dict = {c: [] for c in need}
+    i = 0
+    while any(len(buckets[c]) < n for c, n in need.items()):
+        lab = world.scene(i, seed=REF_SEED, kind="single", split="heldout")
+        o = lab["objects"][0]
+        c = (o["color_idx"], o["shape_idx"], o["size_idx"], lab["background_idx"])
+        if c in buckets and len(buckets[c]) < need[c]:
+            buckets[c].append(lab)
+        i += 1
+        if i > 200_000:
+            raise RuntimeError("could not find enough held-out reference scenes")
+    n_pair = sum(per_prompt for p in prompts if p.kind == "pair")
+    sets = []
+    for k in range(copies):
+        labels = []
+        taken = {c: 0 for c in need}
+        for p in prompts:
+            if p.kind == "single":
+                start = k * (need[p.combo] // copies) + taken[p.combo]
+                labels += buckets[p.combo][start:start + per_prompt]
+                taken[p.combo] += per_prompt
+        if n_pair:
+            labels += [world.scene(k * 100_000 + j, seed=REF_SEED, kind="pair", split="heldout")
+                       for j in range(n_pair)]
+        sets.append((world.render(labels, IMAGE_SIZE), labels))
+    return sets
+
+
+# ------------------------------------------------------------------------------------------------ in-process nodes
+class _Probe:
+    rows = 0
+
+
+class CountNFE:
+    """Bench-only MODEL → MODEL: counts UNet batch rows through a DIFFUSION_MODEL wrapper (values unchanged)."""
+    KEY = "gl_bench.quality.nfe"
+    CATEGORY = "Guidance Lab/bench"
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    def patch(self, model):
+        import comfy.patcher_extension as pe
+
+        def count(executor, *args, **kwargs):
+            x = args[0] if args else kwargs["x"]
+            _Probe.rows += int(x.shape[0])
+            return executor(*args, **kwargs)
+        m = model.clone()
+        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, self.KEY, count)
+        return (m,)
+
+
+class Capture:
+    """Bench-only output node: keeps the decoded images (float, [B, H, W, 3]) for the runner."""
+    CATEGORY = "Guidance Lab/bench"
+    FUNCTION = "capture"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    captured: list = []
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",)}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")          # always run
+
+    def capture(self, images):
+        Capture.captured.append(images.detach().float().cpu().clone())
+        return {"ui": {}}
+
+
+BENCH_NODES = {"GLBench_CountNFE": CountNFE, "GLBench_Capture": Capture}
+
+
+class _Server:                       # the minimal stand-in PromptExecutor needs (as tests/workflows does)
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def send_sync(self, event, data, sid=None):
+        pass
+
+    def queue_updated(self):
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ graphs
+def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_threshold: float) -> dict:
+    """The API-format graph of one configuration and prompt."""
+    g = {
+        "1": {"class_type": "GL_DemoModelLoader", "inputs": {"checkpoint": "demo_model"}},
+        "2": {"class_type": "GLBench_CountNFE", "inputs": {"model": ["1", 0]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt.caption, "clip": ["1", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage",
+              "inputs": {"width": LATENT_WIDGET, "height": LATENT_WIDGET, "batch_size": batch}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "11": {"class_type": "GLBench_Capture", "inputs": {"images": ["10", 0]}},
+    }
+    model = ["2", 0]
+    if cfg.method == "apg":
+        g["7"] = {"class_type": "GL_APG", "inputs": {
+            "model": model, "eta": 0.0, "norm_threshold": apg_threshold, "momentum": -0.5, "start_percent": 0.0,
+            "end_percent": 1.0, "scale_threshold_by_size": False}}
+        model = ["7", 0]
+    if cfg.method in ("cfg", "apg"):
+        g["6"] = {"class_type": "KSampler", "inputs": {
+            "model": model, "seed": prompt.seed, "steps": steps, "cfg": cfg.scale, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
+            "denoise": 1.0}}
+    elif cfg.method == "cfgpp":
+        g["8"] = {"class_type": "GL_SamplerCFGPP", "inputs": {"sampler_name": "euler", "eta": 1.0, "s_noise": 1.0}}
+        g["9"] = {"class_type": "BasicScheduler",
+                  "inputs": {"model": model, "scheduler": "normal", "steps": steps, "denoise": 1.0}}
+        g["6"] = {"class_type": "SamplerCustom", "inputs": {
+            "model": model, "add_noise": True, "noise_seed": prompt.seed, "cfg": cfg.scale, "positive": ["3", 0],
+            "negative": ["4", 0], "sampler": ["8", 0], "sigmas": ["9", 0], "latent_image": ["5", 0]}}
+    else:
+        raise ValueError(cfg.method)
+    return g
+
+
+class Runner:
+    """One PromptExecutor for the whole run (CLASSIC cache: the loader and the text encodings are reused)."""
+
+    def __init__(self):
+        import execution
+        self.execution = execution
+        self.ex = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC,
+                                           cache_args={"lru": 0, "ram": 0})
+
+    def run(self, graph: dict) -> tuple[torch.Tensor, int, float]:
+        """(images [B, 3, H, W] in [0, 1], UNet rows, wall seconds of validation + execution)."""
+        prompt_id = uuid.uuid4().hex
+        Capture.captured.clear()
+        _Probe.rows = 0
+        t0 = time.perf_counter()
+        valid, error, outputs, node_errors = asyncio.run(self.execution.validate_prompt(prompt_id, graph, None))
+        if not valid:
+            raise RuntimeError(f"graph rejected: {error} {json.dumps(node_errors)[:2000]}")
+        self.ex.execute(graph, prompt_id, {}, outputs)
+        seconds = time.perf_counter() - t0
+        errors = [data for event, data in self.ex.status_messages if event == "execution_error"]
+        if not self.ex.success or errors:
+            e = errors[0] if errors else {}
+            raise RuntimeError(f"graph failed in {e.get('node_type')}: {e.get('exception_message')}\n"
+                               + "".join(e.get("traceback", [])))
+        if len(Capture.captured) != 1:
+            raise RuntimeError(f"expected one captured image batch, got {len(Capture.captured)}")
+        images = Capture.captured[0].movedim(-1, 1).contiguous()
+        return images, _Probe.rows, seconds
+
+
+# ------------------------------------------------------------------------------------------------ weights
+@contextlib.contextmanager
+def weights_first(dm, path: Path):
+    """Make GL_DemoModelLoader's "demo_model" resolve to `path`: a temporary folder whose demo_model.safetensors
+    links to it goes first in folder_paths' `gl_demo_model` list (as an extra_model_paths.yaml entry would)."""
+    import folder_paths
+    dm.weight_folders()
+    paths = folder_paths.folder_names_and_paths[dm.FOLDER_NAME][0]
+    saved = list(paths)
+    tmp = Path(tempfile.mkdtemp(prefix="gl-quality-weights-"))
+    (tmp / dm.CHECKPOINTS["demo_model"]).symlink_to(path.resolve())
+    paths.insert(0, str(tmp))
+    try:
+        yield
+    finally:
+        paths[:] = saved
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def weights_info(path: Path) -> dict:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    training = {}
+    try:
+        training = json.loads(meta.get("training", "{}"))
+    except json.JSONDecodeError:
+        pass
+    try:
+        shown = str(path.resolve().relative_to(REPO))
+    except ValueError:
+        shown = str(path.resolve())
+    return {"path": shown, "sha256": h.hexdigest()[:16], "mb": path.stat().st_size / 1e6,
+            "checkpoint": meta.get("checkpoint", "?"), "train_steps": meta.get("train_steps", "?"),
+            "train_seed": meta.get("train_seed", "?"), "git_commit": meta.get("git_commit", "?"),
+            "batch": training.get("batch"), "precision": training.get("precision"), "device": training.get("device"),
+            "train_seconds": training.get("train_seconds"), "stopped_early": training.get("stopped_early")}
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def _frac(x):
+    return None if x is None else float(x)
+
+
+def evaluate(configs: list[Config], prompts: list[Prompt], per_prompt: int, ref_sets, ev) -> list[dict]:
+    """One row per configuration plus a first row for real held-out images (see the module docstring)."""
+    from bench import metrics
+    captions = [p.caption for p in prompts for _ in range(per_prompt)]
+    single = torch.tensor([p.kind == "single" for p in prompts for _ in range(per_prompt)])
+    keys = [i for i, _p in enumerate(prompts) for _ in range(per_prompt)]
+    (real_a, _labels_a), (real_b, labels_b) = ref_sets
+    stats_a = metrics.feature_stats(ev.features(real_a))
+
+    def row(images, prompts_or_labels, key_list):
+        acc = metrics.attribute_accuracy(images, prompts_or_labels, ev)
+        feats = ev.features(images)
+        div_keys = [k for k, s in zip(key_list, single.tolist()) if s]
+        return {"attribute": _frac(acc["attribute"]), "shape": _frac(acc["shape"]), "color": _frac(acc["color"]),
+                "relation": _frac(acc["relation"]), "pair_objects": _frac(acc["pair_objects"]),
+                "n_single": acc["n_single"], "n_pair": acc["n_pair"],
+                "fd": metrics.frechet_distance(feats, stats_a) if len(images) >= 2 else None,
+                "diversity": metrics.mean_pairwise_distance(feats[single], div_keys),
+                "saturation": metrics.mean_saturation(images), "clipped": metrics.clipped_fraction(images),
+                "n": len(images)}
+
+    # real set B is laid out like the generated set (matched single-object combinations first, then pair scenes)
+    real_keys = [p.combo for p in prompts for _ in range(per_prompt)]
+    rows = [{"key": "real", "label": "real held-out images (reference)", "nfe": None, "s_per_image": None,
+             **row(real_b, labels_b, real_keys)}]
+    for c in configs:
+        images = torch.cat(c.images)
+        nfe = sorted(set(c.nfe))
+        rows.append({"key": c.key, "label": c.label, "method": c.method, "scale": c.scale,
+                     "nfe": nfe[0] if len(nfe) == 1 else nfe, "s_per_image": sum(c.seconds) / len(images),
+                     **row(images, captions, keys)})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ grid
+GRID_SCALE = 3
+GRID_PAD = 4
+GRID_LABEL_W = 120
+GRID_HEADER_H = 84
+
+
+def grid_size(n_rows: int, n_cols: int) -> tuple[int, int]:
+    """(width, height) of a comparison grid with n_rows image rows and n_cols prompt columns."""
+    cell = IMAGE_SIZE * GRID_SCALE
+    return (GRID_LABEL_W + n_cols * (cell + GRID_PAD) + GRID_PAD,
+            GRID_HEADER_H + n_rows * (cell + GRID_PAD) + GRID_PAD)
+
+
+def grid_columns(prompts: list[Prompt], n: int) -> list[int]:
+    """Indices of up to n prompts for the grid: about 60 % single-object, the rest two-object, spread evenly."""
+    singles = [i for i, p in enumerate(prompts) if p.kind == "single"]
+    pairs = [i for i, p in enumerate(prompts) if p.kind == "pair"]
+    n = min(n, len(prompts))
+    n_pair = min(len(pairs), max(1 if pairs and n >= 2 else 0, n - math.ceil(0.6 * n)))
+    n_single = min(len(singles), n - n_pair)
+    n_pair = min(len(pairs), n - n_single)
+
+    def spread(items, k):
+        return [items[int(j * len(items) / k)] for j in range(k)] if k else []
+    return spread(singles, n_single) + spread(pairs, n_pair)
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + ([line] if line else [])
+
+
+def write_grid(path: Path, configs: list[Config], prompts: list[Prompt], columns: list[int], real_row) -> Path:
+    """PNG: one row per configuration (first row: a real image of each prompt), one column per prompt (its first
+    image; all configurations start from the same noise), images upscaled ×3 (nearest)."""
+    from PIL import Image, ImageDraw, ImageFont
+    rows = [("real (held-out)", real_row)] + [(c.short, [c.images[i][0] for i in columns]) for c in configs]
+    width, height = grid_size(len(rows), len(columns))
+    cell = IMAGE_SIZE * GRID_SCALE
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for j, i in enumerate(columns):
+        x = GRID_LABEL_W + GRID_PAD + j * (cell + GRID_PAD)
+        lines = _wrap(draw, prompts[i].caption, font, cell)
+        y = 2
+        for line in lines[:7]:
+            draw.text((x, y), line, fill=(0, 0, 0), font=font)
+            y += 11
+    for r, (label, images) in enumerate(rows):
+        y = GRID_HEADER_H + GRID_PAD + r * (cell + GRID_PAD)
+        for k, line in enumerate(_wrap(draw, label, font, GRID_LABEL_W - 8)[:6]):
+            draw.text((4, y + 4 + 11 * k), line, fill=(0, 0, 0), font=font)
+        for j, img in enumerate(images):
+            x = GRID_LABEL_W + GRID_PAD + j * (cell + GRID_PAD)
+            arr = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            canvas.paste(Image.fromarray(arr, "RGB").resize((cell, cell), Image.NEAREST), (x, y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return rev + (" (working tree modified)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _comfy_version() -> str:
+    try:
+        import comfyui_version
+        return comfyui_version.__version__
+    except ImportError:
+        return "unknown"
+
+
+def _command(argv) -> str:
+    script = Path(__file__).resolve()
+    try:
+        script_arg = str(script.relative_to(REPO))
+    except ValueError:
+        script_arg = str(script)
+    return shlex.join(["python", script_arg, *argv])
+
+
+def _n(k: int, noun: str) -> str:
+    return f"{k} {noun}{'' if k == 1 else 's'}"
+
+
+def _pct(x, digits=1):
+    return "—" if x is None else f"{100 * x:.{digits}f} %"
+
+
+def _num(x, digits=2):
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _nfe(v):
+    if v is None:
+        return "—"
+    if isinstance(v, list):
+        return "–".join(f"{x:g}" for x in (v[0], v[-1]))
+    return f"{v:g}"
+
+
+def table(rows: list[dict]) -> list[str]:
+    out = ["| " + " | ".join(COLUMNS) + " |", "| --- |" + " ---: |" * (len(COLUMNS) - 1)]
+    for r in rows:
+        sc = "—" if r["shape"] is None else f"{100 * r['shape']:.0f} / {100 * r['color']:.0f} %"
+        cells = [r["label"], _nfe(r["nfe"]), _pct(r["attribute"]), sc, _pct(r["relation"]), _pct(r["pair_objects"]),
+                 _num(r["fd"]), _num(r["diversity"]), _num(r["saturation"], 3), _pct(r["clipped"], 2),
+                 _num(r["s_per_image"], 3)]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def quality_bar(rows: list[dict]) -> list[str]:
+    """Plain statements of what the numbers say about the demo model's quality bar (issue 3, item 4)."""
+    by = {r["key"]: r for r in rows}
+    real = by["real"]
+    lines = []
+    moderate = [by[f"cfg-{s:g}"] for s in MODERATE_SCALES if f"cfg-{s:g}" in by and by[f"cfg-{s:g}"]["attribute"]
+                is not None]
+    best = max(moderate, key=lambda r: r["attribute"]) if moderate else None
+    if best is not None:
+        listed = ", ".join(f"{r['label']} {_pct(r['attribute'])}" for r in moderate)
+        ok = best["attribute"] >= 0.90
+        lines.append(f"- Attribute accuracy ≥ 90 % at a moderate CFG scale: **{'met' if ok else 'not met'}** "
+                     f"({listed}; evaluator on real held-out images: {_pct(real['attribute'])}).")
+    if best is not None and "cfg-1" in by and by["cfg-1"]["attribute"] is not None:
+        gap = best["attribute"] - by["cfg-1"]["attribute"]
+        clear = gap >= 0.10
+        c1 = by["cfg-1"]
+        rel = (f"; relation accuracy {_pct(c1['relation'])} vs {_pct(best['relation'])}"
+               if c1["relation"] is not None else "")
+        lines.append("- CFG 1 clearly lower (≥ 10 points below the best moderate scale): "
+                     f"**{'yes' if clear else 'no'}** (CFG 1 {_pct(c1['attribute'])}, {gap * 100:.1f} points below "
+                     f"{best['label']}{rel}).")
+    ref = by.get("cfg-5") or best
+    highs = [by[f"cfg-{s:g}"] for s in HIGH_SCALES if f"cfg-{s:g}" in by]
+    if ref is not None and highs and ref not in highs:
+        top = highs[-1]
+        sat_up = top["saturation"] >= 1.05 * max(ref["saturation"], real["saturation"])
+        clip_up = top["clipped"] >= 1.5 * ref["clipped"] and top["clipped"] - ref["clipped"] >= 0.01
+        visible = sat_up or clip_up
+        detail = "; ".join(f"{r['label']}: saturation {r['saturation']:.3f}, clipped {_pct(r['clipped'], 2)}, "
+                           f"FD {_num(r['fd'])}" for r in [ref, *highs])
+        lines.append(f"- Oversaturation at high CFG visible (at {top['label']}: mean saturation ≥ 1.05× both "
+                     f"{ref['label']} and real images, or clipped fraction ≥ 1.5× {ref['label']} and ≥ 1 point "
+                     f"higher): **{'yes' if visible else 'no'}** ({detail}; real images: saturation "
+                     f"{real['saturation']:.3f}, clipped {_pct(real['clipped'], 2)}).")
+    return lines
+
+
+def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list[Config]) -> str:
+    w = info["weights"]
+    n_single = sum(p.kind == "single" for p in prompts)
+    n_pair = len(prompts) - n_single
+    per_config = len(prompts) * args.per_prompt
+    apg = [c for c in configs if c.method == "apg"]
+    lines = [
+        f"## {TITLE}",
+        "",
+        "Command (from the repository root, `python` = the project venv's interpreter):",
+        "",
+        f"    {info['command']}",
+        "",
+        f"- Date: {info['date']}; wall time {info['wall'] / 60:.1f} min (boot, reference images, warm-up, all "
+        f"graphs, metrics).",
+        f"- Machine: {info['cpu']} (`/proc/cpuinfo` model name), {info['cores']} cores, {info['ram']} RAM; "
+        f"`torch.set_num_threads({args.threads})`; attention `{info['attention']}`.",
+        f"- Software: torch {torch.__version__}, ComfyUI {info['comfy']}, Python {platform.python_version()}, "
+        f"Guidance Lab {info['rev']}.",
+        f"- Weights: `{w['path']}` ({w['mb']:.1f} MB, sha256 {w['sha256']}…): checkpoint {w['checkpoint']}, "
+        f"{w['train_steps']} training steps × batch {w['batch']}, seed {w['train_seed']}, {w['precision']} on "
+        f"{w['device']}" + (f", {w['train_seconds'] / 60:.0f} min" if w.get("train_seconds") else "")
+        + (" (stopped early by its time budget)" if w.get("stopped_early") else "")
+        + f", trained at commit {w['git_commit']}.",
+        f"- Graphs (executed in-process with `execution.PromptExecutor`, as the server runs a queued prompt): "
+        f"`GL_DemoModelLoader` → `CLIPTextEncode` (prompt; negative \"\") → `KSampler` (euler, normal, {args.steps} "
+        f"steps) → `VAEDecode`; APG: `GL_APG` (eta 0, norm_threshold {args.apg_threshold:g}, momentum −0.5, window "
+        f"0–1, no size scaling) before the KSampler; CFG++: `GL_SamplerCFGPP` (euler) + `BasicScheduler` (normal, "
+        f"{args.steps} steps) → `SamplerCustom` with cfg = λ. `EmptyLatentImage` 256×256 → 32×32 pixel-space "
+        f"latents, one batch of {args.per_prompt} images per prompt, seed = {args.seed} + prompt index (the same for "
+        f"every configuration, so each column of the grid starts from the same noise).",
+        f"- Prompts: {_n(n_single, 'held-out single-object caption')} (`demo.world.held_out_captions()`: "
+        f"(colour, shape, size, background) combinations never shown in training) and "
+        f"{_n(n_pair, 'caption')} of held-out two-object scenes (`world.batch(0, {n_pair}, seed={PAIR_SEED}, "
+        f"kind=\"pair\", split=\"heldout\")`), {_n(args.per_prompt, 'image')} each: {per_config} images per "
+        f"configuration ({n_single * args.per_prompt} single-object, {n_pair * args.per_prompt} two-object).",
+        "- Metrics (`bench/metrics.py`; the evaluator CNN of `bench/weights/` only scores, it never guides): "
+        "*attribute acc.* = shape and colour both right on the single-object prompts; *relation acc.* = both "
+        "named objects found and in the named relation on the two-object prompts; *both objects found* = the "
+        "same without the geometry. *Fréchet dist.* = Fréchet distance of the evaluator's 128-d features of all "
+        "images of the row to as many real held-out images (per single-object prompt, real scenes of its "
+        "combination at random positions; held-out pair scenes for the pair prompts); the reference row compares "
+        "a second, disjoint real set, i.e. the floor at this sample size. *diversity* = mean pairwise feature "
+        "distance within a prompt (single-object prompts). *saturation* = mean HSV saturation; *clipped* = "
+        "pixels with a channel at 0 or 1 after VAEDecode. *NFE/image* = UNet batch rows per image, counted by "
+        "`GLBench_CountNFE`, a bench-only MODEL→MODEL node the runner registers in-process (a clone with a "
+        "`DIFFUSION_MODEL` wrapper that adds up `x.shape[0]` of every UNet call; cond and uncond travel in one "
+        "call with 2 rows per image). *s/image* = wall time of validating and executing the graph (text "
+        "encoding, sampling, decoding; the loaded model is cached, as in a running server) ÷ images; "
+        "configurations are interleaved per prompt in a rotating order.",
+        "",
+        *table(rows),
+        "",
+        "Quality bar of the demo model (issue 3, item 4):",
+        "",
+        *quality_bar(rows),
+    ]
+    if apg:
+        lines += ["", f"APG's `norm_threshold` {args.apg_threshold:g} is for 3×32×32 pixel-space latents in [−1, 1] "
+                      "(`--apg-threshold`): it bounds ‖D_c − D_u‖ per image; the paper's 15 at an SDXL 1024² latent "
+                      "(4×128×128) scaled by √(3072/65536) would be 3.2."]
+    if args.images < 256:
+        lines += ["", f"Note: {per_config} images per configuration (fewer than the standard 256); Fréchet "
+                      "distances at small N are biased upwards and the accuracies are coarse."]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--weights", default=None,
+                    help="demo-model weights file (default: what GL_DemoModelLoader finds, demo/weights/"
+                         "demo_model.safetensors)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke mode: 32 images per configuration, 4 per prompt (defaults of --images/--per-prompt)")
+    ap.add_argument("--images", type=int, default=None, help="images per configuration (default 256; --quick 32)")
+    ap.add_argument("--per-prompt", type=int, default=None,
+                    help="images per prompt, one batch (default 8; --quick 4)")
+    ap.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    ap.add_argument("--configs", default="all",
+                    help="comma-separated configuration keys (default all: " + ", ".join(
+                        c.key for c in all_configs(DEFAULT_APG_THRESHOLD)) + ")")
+    ap.add_argument("--apg-threshold", type=float, default=DEFAULT_APG_THRESHOLD,
+                    help="GL_APG norm_threshold for the 3×32×32 latents (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of prompt 0 (prompt k uses seed + k)")
+    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"),
+                    help="Markdown file whose `quality` section is (re)written (default: BENCHMARKS.md)")
+    ap.add_argument("--grid", default=str(BENCH_DIR / "results" / "quality_grid.png"),
+                    help="comparison grid PNG (configurations × prompts) (default: bench/results/quality_grid.png)")
+    ap.add_argument("--grid-prompts", type=int, default=8, help="prompt columns of the grid (default 8)")
+    ap.add_argument("--json", default=str(DEFAULT_JSON), help="raw results (default: bench/results/quality.json)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch.set_num_threads (default: all cores, %(default)s here)")
+    ap.add_argument("--attention", choices=("pytorch", "comfy-default"), default="pytorch",
+                    help="pytorch = --use-pytorch-cross-attention (default); comfy-default = ComfyUI's CPU default "
+                         "(only when this process has not imported comfy yet)")
+    args = ap.parse_args(argv)
+    args.images = args.images if args.images is not None else (32 if args.quick else 256)
+    args.per_prompt = args.per_prompt if args.per_prompt is not None else (4 if args.quick else 8)
+    if args.images < 1 or args.per_prompt < 1 or args.steps < 1 or args.threads < 1:
+        ap.error("need --images, --per-prompt, --steps, --threads >= 1")
+    known = [c.key for c in all_configs(args.apg_threshold)]
+    args.config_keys = known if args.configs == "all" else [k.strip() for k in args.configs.split(",") if k.strip()]
+    unknown = [k for k in args.config_keys if k not in known]
+    if unknown or not args.config_keys:
+        ap.error(f"unknown configuration(s) {unknown}; choose from {known}")
+    return args
+
+
+def boot_host(attention: str):
+    """Boot ComfyUI (CPU) through tests/host.py; choose the attention backend if comfy is not imported yet."""
+    import host
+    root = str(host.comfy_root())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    if "comfy.model_management" not in sys.modules:
+        import utils.extra_config  # noqa: F401  (before comfy.cli_args, as host.boot / main.py do)
+        from comfy.cli_args import args
+        args.use_pytorch_cross_attention = attention == "pytorch"
+    return host.boot()
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    wall0 = time.perf_counter()
+    host = boot_host(args.attention)
+    dm = host.pack("guiders.demo_model")
+    if args.weights:
+        weights = Path(args.weights)
+        if not weights.is_file():
+            print(f"error: no weights file at {weights}", file=sys.stderr)
+            return 2
+    else:
+        weights = dm.find_checkpoint("demo_model")
+        if weights is None:
+            print("error: the demo model weights (demo_model.safetensors) are not there (looked in: "
+                  + ", ".join(dm.weight_folders()) + "). " + dm.TRAIN_HINT, file=sys.stderr)
+            return 2
+
+    import logging
+
+    import comfy.utils
+    import nodes
+    from comfy.ldm.modules import attention as comfy_attention
+
+    from bench._markdown import write_section
+    from bench.evaluator import load_evaluator
+    previous = (torch.get_num_threads(), logging.getLogger().level, comfy.utils.PROGRESS_BAR_ENABLED)
+    torch.set_num_threads(args.threads)          # after boot: tests/host.py pins the tests to GL_TEST_THREADS
+    logging.getLogger().setLevel(logging.WARNING)
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    nodes.NODE_CLASS_MAPPINGS.update(BENCH_NODES)
+    try:
+        configs = [c for c in all_configs(args.apg_threshold) if c.key in args.config_keys]
+        prompts = make_prompts(args.images, args.per_prompt, args.seed)
+        ref_sets = reference_images(prompts, args.per_prompt)
+        ev = load_evaluator()
+        info = {"weights": weights_info(weights)}
+        print(f"{len(configs)} configurations × {len(prompts)} prompts × {args.per_prompt} images, {args.steps} "
+              f"steps; weights {info['weights']['path']}; {torch.get_num_threads()} threads", flush=True)
+        with weights_first(dm, weights):
+            found = dm.find_checkpoint("demo_model")
+            if found is None or found.resolve() != weights.resolve():
+                raise RuntimeError(f"GL_DemoModelLoader would load {found}, not {weights}")
+            runner = Runner()
+            t = time.perf_counter()
+            runner.run(build_graph(configs[0], prompts[0], 1, 1, args.apg_threshold))   # warm-up: loads the model
+            print(f"warm-up (model load, 1 step) {time.perf_counter() - t:.1f} s", flush=True)
+            t_run = time.perf_counter()
+            for k, p in enumerate(prompts):
+                order = configs[k % len(configs):] + configs[:k % len(configs)]
+                for c in order:
+                    images, rows, seconds = runner.run(build_graph(c, p, args.per_prompt, args.steps,
+                                                                   args.apg_threshold))
+                    if images.shape != (args.per_prompt, 3, IMAGE_SIZE, IMAGE_SIZE):
+                        raise RuntimeError(f"{c.key}: unexpected image batch {tuple(images.shape)}")
+                    c.images.append(images)
+                    c.nfe.append(rows / args.per_prompt)
+                    c.seconds.append(seconds)
+                done = time.perf_counter() - t_run
+                print(f"prompt {k + 1}/{len(prompts)} ({p.kind}) {done / 60:.1f} min, eta "
+                      f"{done / (k + 1) * (len(prompts) - k - 1) / 60:.1f} min", flush=True)
+        rows = evaluate(configs, prompts, args.per_prompt, ref_sets, ev)
+        columns = grid_columns(prompts, args.grid_prompts)
+        real_a = ref_sets[0][0]
+        from demo import world
+        real_row = []
+        for i in columns:
+            p = prompts[i]
+            real_row.append(world.render([p.scene], IMAGE_SIZE)[0] if p.kind == "pair" else real_a[i * args.per_prompt])
+        grid = write_grid(Path(args.grid), configs, prompts, columns, real_row)
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 0
+        info.update(command=_command(argv), cpu=_cpu_model(), cores=os.cpu_count(), ram=f"{ram:.0f} GiB",
+                    comfy=_comfy_version(), rev=_git_revision(), attention=comfy_attention.optimized_attention.__name__,
+                    date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                    wall=time.perf_counter() - wall0)
+        out = write_section(args.out, SECTION, render(rows, args=args, info=info, prompts=prompts, configs=configs))
+        raw = Path(args.json)
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        raw.write_text(json.dumps({
+            "args": {k: v for k, v in vars(args).items()}, "info": info, "rows": rows,
+            "prompts": [{"caption": p.caption, "kind": p.kind, "seed": p.seed} for p in prompts],
+            "grid": {"path": str(grid), "columns": columns, "rows": ["real"] + [c.key for c in configs]},
+            "runs": {c.key: {"nfe_per_image": c.nfe, "seconds": c.seconds} for c in configs}},
+            indent=1, default=str), encoding="utf-8")
+    finally:
+        for name in BENCH_NODES:
+            nodes.NODE_CLASS_MAPPINGS.pop(name, None)
+        torch.set_num_threads(previous[0])
+        logging.getLogger().setLevel(previous[1])
+        comfy.utils.PROGRESS_BAR_ENABLED = previous[2]
+
+    print()
+    print("\n".join(table(rows)))
+    print()
+    print("\n".join(quality_bar(rows)))
+    print(f"\nwrote section '{SECTION}' of {out}, grid {grid}, raw data {raw}; total {info['wall'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

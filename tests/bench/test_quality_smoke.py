@@ -1,0 +1,128 @@
+"""bench/quality.py end to end on the real host, tiny: a few images of three configurations (CFG 1, CFG 5, CFG++)
+through GL_DemoModelLoader → CLIPTextEncode → KSampler / SamplerCustom → VAEDecode, on the shipped demo-model
+weights if present, else on a throwaway checkpoint trained here (demo/train.py, 5 steps). Checks the Markdown
+section (every column, every row, text outside the section kept), exact NFE counts, the grid PNG's size and that
+the runner leaves the host as it found it. Measures mechanics, not quality."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import host as host_module
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 3
+PER_PROMPT = 2
+CONFIGS = ("cfg-1", "cfg-5", "cfgpp-0.6")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def booted():
+    """tests/bench has no conftest that boots the host (the evaluator tests need none): boot it here."""
+    return host_module.boot()
+
+
+@pytest.fixture(scope="module")
+def quality(booted):
+    from bench import quality as module
+    return module
+
+
+@pytest.fixture(scope="module")
+def weights(booted, tmp_path_factory) -> Path:
+    shipped = REPO / "demo" / "weights" / "demo_model.safetensors"
+    if shipped.is_file():
+        return shipped
+    out = tmp_path_factory.mktemp("quality_weights") / "throwaway.safetensors"
+    env = {**os.environ, "GL_COMFYUI_ROOT": str(host_module.comfy_root())}
+    cmd = [sys.executable, str(REPO / "demo" / "train.py"), "--out", str(out), "--steps", "5", "--batch", "4",
+           "--threads", "1", "--weak-at", "0", "--probe-every", "0", "--probe-batch", "4", "--log-every", "5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def result(quality, weights, tmp_path_factory):
+    import torch
+    folder = tmp_path_factory.mktemp("quality_out")
+    md, grid, raw = folder / "BENCH.md", folder / "grid.png", folder / "quality.json"
+    md.write_text("# Guidance Lab benchmarks\n\nhand-written text outside every section\n", encoding="utf-8")
+    threads = torch.get_num_threads()
+    rc = quality.main(["--weights", str(weights), "--quick", "--images", "4", "--per-prompt", str(PER_PROMPT),
+                       "--steps", str(STEPS), "--configs", ",".join(CONFIGS), "--threads", "1", "--grid-prompts", "2",
+                       "--out", str(md), "--grid", str(grid), "--json", str(raw)])
+    assert rc == 0
+    assert torch.get_num_threads() == threads
+    return md.read_text(encoding="utf-8"), grid, json.loads(raw.read_text(encoding="utf-8"))
+
+
+def test_table_has_every_column_and_row(quality, result):
+    text, _grid, data = result
+    assert "hand-written text outside every section" in text
+    assert text.count("<!-- quality:start -->") == 1 and text.count("<!-- quality:end -->") == 1
+    section = text.split("<!-- quality:start -->")[1].split("<!-- quality:end -->")[0]
+    header = "| " + " | ".join(quality.COLUMNS) + " |"
+    assert header in section
+    for column in ("attribute acc.", "relation acc.", "Fréchet", "diversity", "saturation", "clipped",
+                   "NFE/image", "s/image"):
+        assert column in header
+    lines = section.splitlines()
+    start = lines.index(header)
+    body = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        body.append(line)
+    labels = [row["label"] for row in data["rows"]]
+    assert len(body) == 1 + len(CONFIGS) == len(labels)       # the real-image reference row, then each config
+    for line, label in zip(body, labels):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == len(quality.COLUMNS) and cells[0] == label
+    for row in data["rows"][1:]:                               # generated rows: every metric is a number
+        for key in ("attribute", "relation", "fd", "diversity", "saturation", "clipped", "s_per_image"):
+            assert isinstance(row[key], float), (row["key"], key, row[key])
+    assert "Command" in section and "--quick" in section and "Machine" in section
+    assert "training steps" in section and "Quality bar" in section
+
+
+def test_nfe_counts_are_exact(result):
+    _text, _grid, data = result
+    runs = data["runs"]
+    assert set(runs) == set(CONFIGS)
+    expected = {"cfg-1": STEPS, "cfg-5": 2 * STEPS, "cfgpp-0.6": 2 * STEPS}   # cfg 1 skips the uncond
+    for key, nfe in expected.items():
+        assert runs[key]["nfe_per_image"] and all(v == nfe for v in runs[key]["nfe_per_image"]), (key, runs[key])
+        assert next(r for r in data["rows"] if r["key"] == key)["nfe"] == nfe
+        assert all(s > 0 for s in runs[key]["seconds"])
+
+
+def test_grid_png_has_the_right_size(quality, result):
+    from PIL import Image
+    _text, grid, data = result
+    assert grid.is_file()
+    n_rows, n_cols = 1 + len(CONFIGS), len(data["grid"]["columns"])
+    assert n_cols == 2 and data["grid"]["rows"] == ["real", *CONFIGS]
+    cell = 32 * quality.GRID_SCALE + quality.GRID_PAD
+    with Image.open(grid) as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        assert im.size == quality.grid_size(n_rows, n_cols) == (
+            quality.GRID_LABEL_W + n_cols * cell + quality.GRID_PAD,
+            quality.GRID_HEADER_H + n_rows * cell + quality.GRID_PAD)
+
+
+def test_runner_leaves_the_host_clean(quality, result):
+    import nodes
+    assert not set(quality.BENCH_NODES) & set(nodes.NODE_CLASS_MAPPINGS)
+
+
+def test_missing_weights_are_reported(quality, tmp_path, capsys):
+    rc = quality.main(["--weights", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "x.md")])
+    assert rc == 2 and "no weights file" in capsys.readouterr().err
+    assert not (tmp_path / "x.md").exists()
