@@ -39,7 +39,6 @@ import os
 import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -454,33 +453,10 @@ def write_grid(path: Path, configs: list[Config], prompts: list[Prompt], columns
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from bench._machine import comfy_version as _comfy_version  # noqa: E402
+from bench._machine import cpu_model as _cpu_model  # noqa: E402
+from bench._machine import git_revision as _git_revision  # noqa: E402
 
-
-def _git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return rev + (" (working tree modified)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _comfy_version() -> str:
-    try:
-        import comfyui_version
-        return comfyui_version.__version__
-    except ImportError:
-        return "unknown"
 
 
 def _command(argv) -> str:

@@ -19,7 +19,6 @@ import platform
 import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -198,33 +197,10 @@ def run_once(cfg: Config, probe: Probe, inputs: dict, steps: int, seed: int):
 
 
 # --------------------------------------------------------------------------------------------------- report
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from _machine import comfy_version as _comfy_version  # noqa: E402
+from _machine import cpu_model as _cpu_model  # noqa: E402
+from _machine import git_revision as _git_revision  # noqa: E402
 
-
-def _git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return rev + (" (working tree modified)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _comfy_version() -> str:
-    try:
-        import comfyui_version
-        return comfyui_version.__version__
-    except ImportError:
-        return "unknown"
 
 
 def _command() -> str:
