@@ -53,6 +53,7 @@ if str(REPO / "tests") not in sys.path:             # tests/host.py boots the ho
 if str(REPO) not in sys.path:                       # appended: ComfyUI's top-level `nodes` must win over ours
     sys.path.append(str(REPO))
 
+import host  # noqa: E402
 import torch  # noqa: E402
 
 SECTION = "quality"
@@ -220,16 +221,6 @@ class Capture:
 BENCH_NODES = {"GLBench_CountNFE": CountNFE, "GLBench_Capture": Capture}
 
 
-class _Server:                       # the minimal stand-in PromptExecutor needs (as tests/workflows does)
-    client_id = None
-    last_node_id = None
-    last_prompt_id = None
-
-    def send_sync(self, event, data, sid=None):
-        pass
-
-    def queue_updated(self):
-        pass
 
 
 # ------------------------------------------------------------------------------------------------ graphs
@@ -274,7 +265,7 @@ class Runner:
     def __init__(self):
         import execution
         self.execution = execution
-        self.ex = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC,
+        self.ex = execution.PromptExecutor(host.ServerStub(), cache_type=execution.CacheType.CLASSIC,
                                            cache_args={"lru": 0, "ram": 0})
 
     def run(self, graph: dict) -> tuple[torch.Tensor, int, float]:
@@ -648,7 +639,6 @@ def parse_args(argv=None):
 
 def boot_host(attention: str):
     """Boot ComfyUI (CPU) through tests/host.py; choose the attention backend if comfy is not imported yet."""
-    import host
     root = str(host.comfy_root())
     if root not in sys.path:
         sys.path.insert(0, root)

@@ -92,3 +92,23 @@ def boot() -> Host:
         raise RuntimeError("the pack was not imported by ComfyUI's loader:\n" + "\n".join(handler.lines[-30:]))
     _HOST = Host(module_name, handler.lines, workdir)
     return _HOST
+
+
+class ServerStub:
+    """The minimal stand-in for PromptServer that execution.PromptExecutor needs to run a prompt in-process."""
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def send_sync(self, event, data, sid=None):
+        pass
+
+    def queue_updated(self):
+        pass
+
+
+def new_executor():
+    """A PromptExecutor without output caching (each run executes every node), as the tests and bench use."""
+    import execution
+    return execution.PromptExecutor(ServerStub(), cache_type=execution.CacheType.CLASSIC,
+                                    cache_args={"lru": 0, "ram": 0})

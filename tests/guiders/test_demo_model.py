@@ -11,6 +11,7 @@ import json
 import uuid
 from pathlib import Path
 
+import host
 import pytest
 import torch
 
@@ -254,16 +255,6 @@ def test_trainable_text_encoder_gives_gradients_and_same_values(dm, config):
 
 # --------------------------------------------------------------------------------- the node, in a real graph
 
-class _Server:                                    # the minimal stand-in PromptExecutor needs
-    client_id = None
-    last_node_id = None
-    last_prompt_id = None
-
-    def send_sync(self, event, data, sid=None):
-        pass
-
-    def queue_updated(self):
-        pass
 
 
 def _execute(prompt: dict) -> dict:
@@ -271,7 +262,7 @@ def _execute(prompt: dict) -> dict:
     prompt_id = uuid.uuid4().hex
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     assert valid, f"validation failed: {error} {json.dumps(node_errors)[:2000]}"
-    ex = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    ex = host.new_executor()
     ex.execute(prompt, prompt_id, {}, outputs)
     errors = [data for event, data in ex.status_messages if event == "execution_error"]
     assert ex.success and not errors, errors and (errors[0]["exception_message"], "".join(errors[0]["traceback"]))

@@ -10,6 +10,7 @@ import json
 import uuid
 from pathlib import Path
 
+import host
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,16 +39,6 @@ def object_info(host):
     return wa.object_info_in_process()
 
 
-class _Server:                                    # the minimal stand-in PromptExecutor needs
-    client_id = None
-    last_node_id = None
-    last_prompt_id = None
-
-    def send_sync(self, event, data, sid=None):
-        pass
-
-    def queue_updated(self):
-        pass
 
 
 @contextlib.contextmanager
@@ -69,7 +60,7 @@ def execute(prompt: dict) -> dict:
     prompt_id = uuid.uuid4().hex
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     assert valid, f"validation failed: {error} {json.dumps(node_errors)[:2000]}"
-    ex = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    ex = host.new_executor()
     with one_thread():
         ex.execute(prompt, prompt_id, {}, outputs)
     errors = [data for event, data in ex.status_messages if event == "execution_error"]
