@@ -282,7 +282,8 @@ class Trainer:
         meta = {"checkpoint": kind, "train_seed": str(a.seed), "train_steps": str(steps), "git_commit": git_commit(),
                 "world_seed": str(a.world_seed), "world_size": str(a.size), "world": json.dumps(world, sort_keys=True),
                 "training": json.dumps(training, sort_keys=True)}
-        self.dm.save_demo_file(path, tensors, self.config, self.clip, meta)
+        token_ids = {t for ids in self.token_cache.values() for t in ids}  # every token the model was fed
+        self.dm.save_demo_file(path, tensors, self.config, self.clip, meta, token_ids=token_ids)
         log(f"saved {kind} checkpoint (EMA, step {steps}) to {path}")
 
 

@@ -15,6 +15,13 @@ metadata: `format`, `config` (JSON: unet / text / clip settings), the tokenizer'
 trainer adds (`training`, `world`, `train_seed`, `train_steps`, `git_commit`, `world_seed`, `world_size`, ...).
 Loading casts the weights back to float32.
 
+The token embedding (49408 CLIP vocabulary rows, most of a small text encoder) may be stored sparsely: only the rows
+of tokens the model saw in training (key `...token_embedding.weight.ids`, int64, and `...token_embedding.weight.rows`,
+float16; metadata `token_embedding` = "sparse"). Loading rebuilds the full matrix with zero rows for the other tokens
+(they were never trained, so their initial random values carry no information). The optional config section
+`sampling` holds the discrete noise schedule (`linear_start`, `linear_end`, `beta_schedule`, `timesteps`, as
+ComfyUI's `sampling_settings`); without it the model has SD1.5's schedule.
+
 Weights are looked up in the folder list `gl_demo_model` of ComfyUI's folder_paths: the pack's `demo/weights/`
 plus any `gl_demo_model:` folder of extra_model_paths.yaml.
 """
@@ -53,6 +60,8 @@ TRAIN_HINT = ("Produce them with the pack's training script: `python demo/train.
 # keys of the "clip" section of a config and their defaults (SD1.5 checkpoint behaviour)
 CLIP_DEFAULTS = {"layer": "last", "layer_idx": None, "layer_norm_hidden_state": True,
                  "return_projected_pooled": False, "max_length": 77}
+SAMPLING_KEYS = ("beta_schedule", "linear_start", "linear_end", "timesteps")
+TOKEN_EMBEDDING = TEXT_PREFIX + "transformer.text_model.embeddings.token_embedding.weight"
 _TEXT_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "hidden_act",
               "max_position_embeddings", "eos_token_id")
 
@@ -70,6 +79,7 @@ def normalize_config(config: dict) -> dict:
         raise DemoModelError("a demo-model config needs the sections 'unet' and 'text'")
     cfg = {"unet": dict(config["unet"]), "text": dict(config["text"]),
            "clip": {**CLIP_DEFAULTS, **dict(config.get("clip") or {})},
+           "sampling": dict(config.get("sampling") or {}),
            "model_type": config.get("model_type", "eps"), "latent_format": config.get("latent_format", "pixel_rgb")}
     unet, text = cfg["unet"], cfg["text"]
     missing = [k for k in _TEXT_KEYS if k not in text]
@@ -80,6 +90,9 @@ def normalize_config(config: dict) -> dict:
     if unet.get("context_dim") != text["hidden_size"]:
         raise DemoModelError(f"unet context_dim ({unet.get('context_dim')}) must equal the text encoder width "
                              f"({text['hidden_size']})")
+    unknown = sorted(set(cfg["sampling"]) - set(SAMPLING_KEYS))
+    if unknown:
+        raise DemoModelError(f"unknown keys {unknown} in the 'sampling' section (allowed: {list(SAMPLING_KEYS)})")
     if cfg["model_type"] != "eps":
         raise DemoModelError(f"model_type must be 'eps', got {cfg['model_type']!r}")
     if cfg["latent_format"] != "pixel_rgb":
@@ -93,6 +106,7 @@ def _make_unet(cfg: dict, device=None) -> comfy.model_base.BaseModel:
     model_config = comfy.supported_models.SD15(dict(cfg["unet"]))
     model_config.unet_config.update(cfg["unet"])  # SD15's unet_extra_config (8 heads) must not override ours
     model_config.latent_format = comfy.latent_formats.ChromaRadiance()  # 3-channel identity
+    model_config.sampling_settings = dict(cfg.get("sampling") or {})  # read by ModelSamplingDiscrete
     return comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.EPS, device=device)
 
 
@@ -270,11 +284,23 @@ def state_dict(model_or_patcher, clip: comfy.sd.CLIP) -> dict[str, torch.Tensor]
 
 
 def save_demo_file(path, tensors: dict[str, torch.Tensor], config: dict, clip: comfy.sd.CLIP,
-                   metadata: dict | None = None) -> Path:
+                   metadata: dict | None = None, *, token_ids=None) -> Path:
     """Write `tensors` (a `state_dict` layout, any float dtype) as float16 safetensors with the config and the
-    tokenizer fingerprint in the metadata; `metadata` values must be strings (others are JSON-encoded)."""
+    tokenizer fingerprint in the metadata; `metadata` values must be strings (others are JSON-encoded).
+
+    `token_ids` (the token ids the text encoder was trained on): store only those rows of the token embedding
+    (see the module docstring); loading gives the other rows zeros."""
     import safetensors.torch
     cfg = normalize_config(config)
+    tensors = dict(tensors)
+    sparse = token_ids is not None
+    if sparse:
+        ids = torch.tensor(sorted({int(t) for t in token_ids}), dtype=torch.int64)
+        weight = tensors.pop(TOKEN_EMBEDDING)
+        if len(ids) == 0 or ids.min() < 0 or ids.max() >= weight.shape[0]:
+            raise DemoModelError(f"token ids must lie in [0, {weight.shape[0]}), got {len(ids)} ids")
+        tensors[TOKEN_EMBEDDING + ".ids"] = ids
+        tensors[TOKEN_EMBEDDING + ".rows"] = weight.detach().to("cpu")[ids]
     out = {}
     for k, v in tensors.items():
         v = v.detach().to("cpu")
@@ -285,7 +311,7 @@ def save_demo_file(path, tensors: dict[str, torch.Tensor], config: dict, clip: c
         out[k] = v.contiguous()
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     meta.update(format=FORMAT, config=json.dumps(cfg, sort_keys=True), tokenizer="comfy/sd1_tokenizer",
-                tokenizer_vocab_sha256=tokenizer_fingerprint(clip))
+                tokenizer_vocab_sha256=tokenizer_fingerprint(clip), token_embedding="sparse" if sparse else "dense")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -322,7 +348,23 @@ def read_demo_file(path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]
         config = normalize_config(json.loads(metadata["config"]))
     except (json.JSONDecodeError, DemoModelError) as e:
         raise DemoModelError(f"{path}: invalid demo-model config in the metadata: {e}") from e
+    if metadata.get("token_embedding") == "sparse":
+        tensors = _densify_token_embedding(tensors, config, path)
     return config, tensors, metadata
+
+
+def _densify_token_embedding(tensors: dict, config: dict, path: Path) -> dict:
+    """Full token-embedding matrix from the stored rows (zeros for tokens never trained)."""
+    ids, rows = tensors.pop(TOKEN_EMBEDDING + ".ids", None), tensors.pop(TOKEN_EMBEDDING + ".rows", None)
+    vocab, width = config["text"].get("vocab_size", 49408), config["text"]["hidden_size"]
+    if ids is None or rows is None or ids.ndim != 1 or rows.shape != (len(ids), width) or (
+            len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab)):
+        raise DemoModelError(f"{path}: metadata says the token embedding is stored sparsely, but the "
+                             f"'{TOKEN_EMBEDDING}.ids'/'.rows' tensors are missing or inconsistent")
+    dense = torch.zeros(vocab, width, dtype=rows.dtype)
+    dense[ids.long()] = rows
+    tensors[TOKEN_EMBEDDING] = dense
+    return tensors
 
 
 def _load_into(module: torch.nn.Module, tensors: dict, prefix: str, path: Path, what: str) -> None:

@@ -142,6 +142,48 @@ def test_round_trip_weights_config_tokenizer(dm, built, config, saved):
     assert vae.latent_channels == 3
 
 
+def test_sparse_token_embedding_round_trip(dm, built, tmp_path):
+    """Only the trained rows are stored; loading restores them exactly (float16) and gives the others zeros."""
+    patcher, clip, _vae = built
+    caption = "a red circle left of a blue square"
+    ids = set(dm.tokenize(clip, [caption, ""])[0]) | set(dm.tokenize(clip, [""])[0])
+    path = dm.save_demo_file(tmp_path / "sparse.safetensors", dm.state_dict(patcher, clip), patcher.model.demo_config,
+                             clip, {"checkpoint": "test"}, token_ids=ids)
+    dense = dm.save_demo_model(tmp_path / "dense.safetensors", patcher, clip)
+    assert path.stat().st_size < dense.stat().st_size - 9 * 10**6      # 49408 x 96 float16 rows left out
+    loaded, lclip, _ = dm.load_demo_model(path)
+    assert loaded.model.demo_metadata["token_embedding"] == "sparse"
+    full = dm.state_dict(patcher, clip)[dm.TOKEN_EMBEDDING]
+    got = dm.state_dict(loaded, lclip)[dm.TOKEN_EMBEDDING]
+    assert got.shape == full.shape
+    rows = torch.tensor(sorted(ids))
+    assert torch.equal(got[rows], full[rows].to(torch.float16).float())
+    others = torch.ones(len(full), dtype=torch.bool)
+    others[rows] = False
+    assert int(others.sum()) == len(full) - len(ids) and torch.count_nonzero(got[others]) == 0
+    # a caption made of stored tokens encodes as with the dense weights
+    ref = clip.encode_from_tokens(clip.tokenize(caption))
+    assert torch.allclose(lclip.encode_from_tokens(lclip.tokenize(caption)), ref, atol=0.05)
+    with pytest.raises(dm.DemoModelError, match="token ids"):
+        dm.save_demo_file(tmp_path / "bad.safetensors", dm.state_dict(patcher, clip), patcher.model.demo_config,
+                          clip, token_ids=[10**6])
+
+
+def test_sampling_section_sets_the_noise_schedule(dm, config):
+    """The config's `sampling` section is the model's discrete schedule (what KSampler's schedulers read);
+    without it the model has SD1.5's schedule (sigma_max 14.6)."""
+    cfg = json.loads(json.dumps(config))
+    cfg["sampling"] = {"linear_start": 0.00085, "linear_end": 0.025}
+    patcher, _clip, _vae = dm.build_demo_model(cfg, SEED)
+    assert float(patcher.model.model_sampling.sigma_max) == pytest.approx(166.80, abs=0.05)
+    cfg.pop("sampling")
+    patcher, _clip, _vae = dm.build_demo_model(cfg, SEED)
+    assert float(patcher.model.model_sampling.sigma_max) == pytest.approx(14.61, abs=0.01)
+    cfg["sampling"] = {"linear_stop": 0.02}
+    with pytest.raises(dm.DemoModelError, match="linear_stop"):
+        dm.normalize_config(cfg)
+
+
 def test_file_layout_is_an_sd1_checkpoint_layout(saved):
     import safetensors
     with safetensors.safe_open(str(saved / "demo_model.safetensors"), framework="pt") as f:
