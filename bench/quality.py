@@ -64,6 +64,7 @@ LATENT_WIDGET = 8 * IMAGE_SIZE  # EmptyLatentImage width/height (ComfyUI divides
 PAIR_SEED = 7                   # world seed of the two-object prompts (held-out pair scenes)
 REF_SEED = 11                   # world seed of the real reference images
 DEFAULT_APG_THRESHOLD = 3.0     # see `--apg-threshold`
+DEFAULT_AG_THRESHOLD = 0.99     # GL_AdaptiveGuidance's default γ̄
 MODERATE_SCALES = (3.0, 5.0, 7.5)
 HIGH_SCALES = (10.0, 15.0)
 
@@ -78,7 +79,7 @@ COLUMNS = ("configuration", "NFE/image", "attribute acc. (single)", "shape / col
 class Config:
     key: str
     label: str
-    method: str          # "cfg", "apg" or "cfgpp"
+    method: str          # "cfg", "apg", "cfgpp", "ag" (Adaptive Guidance) or "linear_ag"
     scale: float         # KSampler cfg (CFG, APG) or λ (CFG++)
     short: str = ""      # ASCII label for the grid
     images: list = field(default_factory=list)      # [B, 3, 32, 32] per prompt, in prompt order
@@ -87,8 +88,10 @@ class Config:
     batch: list = field(default_factory=list)
 
 
-def all_configs(apg_threshold: float) -> list[Config]:
+def all_configs(apg_threshold: float, ag_threshold: float = DEFAULT_AG_THRESHOLD) -> list[Config]:
     out = [Config(f"cfg-{s:g}", f"CFG {s:g}", "cfg", s, f"CFG {s:g}") for s in (1.0, 3.0, 5.0, 7.5, 10.0, 15.0)]
+    out += [Config(f"ag-{s:g}", f"Adaptive Guidance, cfg {s:g} (γ̄ {ag_threshold:g})", "ag", s, f"AG cfg {s:g}")
+            for s in (5.0, 7.5)]
     out += [Config(f"apg-{s:g}", f"APG, cfg {s:g} (η 0, r {apg_threshold:g}, β −0.5)", "apg", s, f"APG cfg {s:g}")
             for s in (10.0, 15.0)]
     out += [Config(f"cfgpp-{s:g}", f"CFG++ λ {s:g}", "cfgpp", s, f"CFG++ {s:g}") for s in (0.6, 1.0)]
@@ -224,7 +227,8 @@ BENCH_NODES = {"GLBench_CountNFE": CountNFE, "GLBench_Capture": Capture}
 
 
 # ------------------------------------------------------------------------------------------------ graphs
-def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_threshold: float) -> dict:
+def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_threshold: float,
+                ag_threshold: float = DEFAULT_AG_THRESHOLD) -> dict:
     """The API-format graph of one configuration and prompt."""
     g = {
         "1": {"class_type": "GL_DemoModelLoader", "inputs": {"checkpoint": "demo_model"}},
@@ -242,7 +246,12 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
             "model": model, "eta": 0.0, "norm_threshold": apg_threshold, "momentum": -0.5, "start_percent": 0.0,
             "end_percent": 1.0, "scale_threshold_by_size": False}}
         model = ["7", 0]
-    if cfg.method in ("cfg", "apg"):
+    if cfg.method == "ag":
+        g["7"] = {"class_type": "GL_AdaptiveGuidance", "inputs": {
+            "model": model, "threshold": ag_threshold, "start_percent": 0.0, "end_percent": 1.0,
+            "batch_policy": "all"}}
+        model = ["7", 0]
+    if cfg.method in ("cfg", "apg", "ag"):
         g["6"] = {"class_type": "KSampler", "inputs": {
             "model": model, "seed": prompt.seed, "steps": steps, "cfg": cfg.scale, "sampler_name": "euler",
             "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
@@ -367,7 +376,8 @@ def evaluate(configs: list[Config], prompts: list[Prompt], per_prompt: int, ref_
         images = torch.cat(c.images)
         nfe = sorted(set(c.nfe))
         rows.append({"key": c.key, "label": c.label, "method": c.method, "scale": c.scale,
-                     "nfe": nfe[0] if len(nfe) == 1 else nfe, "s_per_image": sum(c.seconds) / len(images),
+                     "nfe": nfe[0] if len(nfe) == 1 else nfe, "nfe_mean": sum(c.nfe) / len(c.nfe),
+                     "s_per_image": sum(c.seconds) / len(images),
                      **row(images, captions, keys)})
     return rows
 
@@ -528,6 +538,29 @@ def quality_bar(rows: list[dict]) -> list[str]:
     return lines
 
 
+def speedup_checks(rows: list[dict]) -> list[str]:
+    """One line per NFE-saving row (ag-*, linear_ag-*): saving, accuracy and FD against CFG at its scale."""
+    by_key = {r["key"]: r for r in rows}
+    lines = []
+    for r in rows:
+        method, _, scale = r["key"].partition("-")
+        base = by_key.get(f"cfg-{scale}")
+        if method not in ("ag", "linear_ag") or base is None or r.get("nfe_mean") is None:
+            continue
+        nfe, ref_nfe = r["nfe_mean"], base["nfe_mean"]
+        saving = 1 - nfe / ref_nfe
+        d_acc = None if r["attribute"] is None else 100 * (r["attribute"] - base["attribute"])
+        fd_ratio = None if not base["fd"] else r["fd"] / base["fd"]
+        ok = saving >= 0.25 and d_acc is not None and d_acc >= -1.0 and fd_ratio is not None and fd_ratio <= 1.05
+        lines.append(f"- {r['label']} vs {base['label']}: NFEs {nfe:.2f} vs {ref_nfe:.2f} per image "
+                     f"(**{100 * saving:.1f} % fewer**), attribute accuracy {_pct(r['attribute'])} vs "
+                     f"{_pct(base['attribute'])} ({'—' if d_acc is None else f'{d_acc:+.1f}'} points), Fréchet "
+                     f"distance {_num(r['fd'])} vs {_num(base['fd'])} (×{_num(fd_ratio, 3)}), s/image "
+                     f"{_num(r['s_per_image'], 3)} vs {_num(base['s_per_image'], 3)}: all three targets met: "
+                     f"**{'yes' if ok else 'no'}**.")
+    return lines
+
+
 def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list[Config]) -> str:
     w = info["weights"]
     n_single = sum(p.kind == "single" for p in prompts)
@@ -585,6 +618,11 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
         "",
         *quality_bar(rows),
     ]
+    savings = speedup_checks(rows)
+    if savings:
+        lines += ["", "Model-call savings against CFG at the same scale and steps (targets of the Adaptive Guidance "
+                      "issue: ≥ 25 % fewer NFEs, attribute accuracy within 1 point, Fréchet distance within 5 %):",
+                  "", *savings]
     if apg:
         lines += ["", f"APG's `norm_threshold` {args.apg_threshold:g} is for 3×32×32 pixel-space latents in [−1, 1] "
                       "(`--apg-threshold`): it bounds ‖D_c − D_u‖ per image; the paper's 15 at an SDXL 1024² latent "
@@ -612,6 +650,8 @@ def parse_args(argv=None):
                         c.key for c in all_configs(DEFAULT_APG_THRESHOLD)) + ")")
     ap.add_argument("--apg-threshold", type=float, default=DEFAULT_APG_THRESHOLD,
                     help="GL_APG norm_threshold for the 3×32×32 latents (default %(default)s)")
+    ap.add_argument("--ag-threshold", type=float, default=DEFAULT_AG_THRESHOLD,
+                    help="GL_AdaptiveGuidance threshold γ̄ of the ag-* rows (default %(default)s, the node default)")
     ap.add_argument("--seed", type=int, default=0, help="seed of prompt 0 (prompt k uses seed + k)")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"),
                     help="Markdown file whose `quality` section is (re)written (default: BENCHMARKS.md)")
@@ -681,7 +721,7 @@ def main(argv=None) -> int:
     comfy.utils.PROGRESS_BAR_ENABLED = False
     nodes.NODE_CLASS_MAPPINGS.update(BENCH_NODES)
     try:
-        configs = [c for c in all_configs(args.apg_threshold) if c.key in args.config_keys]
+        configs = [c for c in all_configs(args.apg_threshold, args.ag_threshold) if c.key in args.config_keys]
         prompts = make_prompts(args.images, args.per_prompt, args.seed)
         ref_sets = reference_images(prompts, args.per_prompt)
         ev = load_evaluator()
@@ -694,14 +734,15 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"GL_DemoModelLoader would load {found}, not {weights}")
             runner = Runner()
             t = time.perf_counter()
-            runner.run(build_graph(configs[0], prompts[0], 1, 1, args.apg_threshold))   # warm-up: loads the model
+            runner.run(build_graph(configs[0], prompts[0], 1, 1, args.apg_threshold,    # warm-up: loads the model
+                                   args.ag_threshold))
             print(f"warm-up (model load, 1 step) {time.perf_counter() - t:.1f} s", flush=True)
             t_run = time.perf_counter()
             for k, p in enumerate(prompts):
                 order = configs[k % len(configs):] + configs[:k % len(configs)]
                 for c in order:
                     images, rows, seconds = runner.run(build_graph(c, p, args.per_prompt, args.steps,
-                                                                   args.apg_threshold))
+                                                                   args.apg_threshold, args.ag_threshold))
                     if images.shape != (args.per_prompt, 3, IMAGE_SIZE, IMAGE_SIZE):
                         raise RuntimeError(f"{c.key}: unexpected image batch {tuple(images.shape)}")
                     c.images.append(images)

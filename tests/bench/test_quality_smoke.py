@@ -1,4 +1,4 @@
-"""bench/quality.py end to end on the real host, tiny: a few images of three configurations (CFG 1, CFG 5, CFG++)
+"""bench/quality.py end to end on the real host, tiny: a few images of four configurations (CFG 1, CFG 5, CFG++, AG)
 through GL_DemoModelLoader → CLIPTextEncode → KSampler / SamplerCustom → VAEDecode, on the shipped demo-model
 weights if present, else on a throwaway checkpoint trained here (demo/train.py, 5 steps). Checks the Markdown
 section (every column, every row, text outside the section kept), exact NFE counts, the grid PNG's size and that
@@ -18,7 +18,7 @@ import host as host_module
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
 PER_PROMPT = 2
-CONFIGS = ("cfg-1", "cfg-5", "cfgpp-0.6")
+CONFIGS = ("cfg-1", "cfg-5", "cfgpp-0.6", "ag-5")
 pytestmark = pytest.mark.slow
 
 
@@ -90,6 +90,7 @@ def test_table_has_every_column_and_row(quality, result):
             assert isinstance(row[key], float), (row["key"], key, row[key])
     assert "Command" in section and "--quick" in section and "Machine" in section
     assert "training steps" in section and "Quality bar" in section
+    assert "Model-call savings against CFG" in section and "Adaptive Guidance, cfg 5" in section
 
 
 def test_nfe_counts_are_exact(result):
@@ -101,6 +102,8 @@ def test_nfe_counts_are_exact(result):
         assert runs[key]["nfe_per_image"] and all(v == nfe for v in runs[key]["nfe_per_image"]), (key, runs[key])
         assert next(r for r in data["rows"] if r["key"] == key)["nfe"] == nfe
         assert all(s > 0 for s in runs[key]["seconds"])
+    # Adaptive Guidance: CFG until the switch (at least the first step), then 1 NFE per step
+    assert all(STEPS + 1 <= v <= 2 * STEPS and v == int(v) for v in runs["ag-5"]["nfe_per_image"])
 
 
 def test_grid_png_has_the_right_size(quality, result):

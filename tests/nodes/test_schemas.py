@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 PACK = Path(__file__).resolve().parents[2]
-EXPECTED = {"GL_APG", "GL_SamplerCFGPP", "GL_TinyTestModel"}
+EXPECTED = {"GL_APG", "GL_SamplerCFGPP", "GL_TinyTestModel", "GL_AdaptiveGuidance", "GL_NFECounter", "GL_NFEReport"}
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,36 @@ def test_cfgpp_node_returns_sampler(pack_nodes):
     node = next(c for c in pack_nodes if c.define_schema().node_id == "GL_SamplerCFGPP")
     for name in ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2s_ancestral"):
         assert isinstance(node.execute(name, 1.0, 1.0).result[0], comfy.samplers.KSAMPLER)
+
+
+def _node(pack_nodes, node_id):
+    return next(c for c in pack_nodes if c.define_schema().node_id == node_id)
+
+
+def test_adaptive_guidance_node_validates_and_patches(host, pack_nodes):
+    ag = _node(pack_nodes, "GL_AdaptiveGuidance")
+    tiny = host.pack("guiders.tiny_models").build_model("sd15_eps")
+    out = ag.execute(tiny, 0.99, 0.0, 1.0, "all")
+    assert out.result[0] is not tiny
+    assert isinstance(ag.validate_inputs(start_percent=0.7, end_percent=0.2), str)
+    assert ag.validate_inputs(start_percent=0.0, end_percent=1.0) is True
+    with pytest.raises(ValueError, match="GL_AdaptiveGuidance.*end_percent"):
+        ag.execute(tiny, 0.99, 0.7, 0.2, "all")
+
+
+def test_nfe_report_errors_and_text(host, pack_nodes):
+    import torch
+    from hostutil import run
+    counter, report = _node(pack_nodes, "GL_NFECounter"), _node(pack_nodes, "GL_NFEReport")
+    builder = host.pack("guiders.tiny_models")
+    tiny = builder.build_model("sd15_eps")
+    latent = {"samples": torch.zeros(1, 3, 8, 8)}
+    with pytest.raises(ValueError, match="GL_NFEReport.*GL_NFECounter"):
+        report.execute(tiny, latent)
+    counted = counter.execute(tiny).result[0]
+    with pytest.raises(ValueError, match="GL_NFEReport.*not been sampled"):
+        report.execute(counted, latent)
+    run(counted, builder.build_conditioning("sd15_eps", 1), builder.build_conditioning("sd15_eps", 2), 5.0, steps=3)
+    out = report.execute(counted, latent)
+    assert out.result[0].startswith("6 NFEs per image (12 batch rows in 3 model calls, 2 image(s), 3 step(s)")
+    assert out.ui.as_dict() == {"text": (out.result[0],)}

@@ -111,7 +111,8 @@ def test_workflow_is_ui_format_with_known_nodes(path, object_info):
     nodes = {n["id"]: n for n in ui["nodes"]}
     for link_id, src, src_slot, dst, dst_slot, type_ in ui["links"]:     # both ends agree, as the editor keeps them
         assert link_id in nodes[src]["outputs"][src_slot]["links"] and nodes[src]["outputs"][src_slot]["type"] == type_
-        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id and nodes[dst]["inputs"][dst_slot]["type"] == type_
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
+        assert nodes[dst]["inputs"][dst_slot]["type"] in (type_, "*")   # "*": a wildcard input (PreviewAny)
     for node in ui["nodes"]:
         assert node["type"] in object_info or node["type"] in wa.FRONTEND_ONLY, node["type"]
         if node["type"] in object_info:   # one value per widget plus the frontend-only control values, in order
@@ -241,3 +242,20 @@ def test_object_info_in_process_matches_server_shape(object_info):
         assert {"input", "input_order", "output", "output_name", "name", "display_name", "category"} <= set(info)
     assert object_info["KSampler"]["input_order"]["required"][:2] == ["model", "seed"]
     assert object_info["GL_APG"]["python_module"].startswith("custom_nodes.")
+
+
+@pytest.mark.parametrize("arch", ["sd15_eps", "flux"])
+def test_nfe_reports_show_the_adaptive_guidance_saving(arch, object_info):
+    """adaptive_guidance.json: the two GL_NFEReport nodes show CFG's 2 NFEs per step and AG's smaller count."""
+    ui = with_arch(_load(REPO / "workflows" / "adaptive_guidance.json"), arch)
+    outputs = execute(wa.ui_to_api(ui, object_info))
+    steps = next(n for n in ui["nodes"] if n["type"] == "KSampler")["widgets_values"][2]
+    texts = {}
+    for node in ui["nodes"]:
+        if node["type"] == "GL_NFEReport":
+            model_link = node["inputs"][0]["link"]
+            source = next(link[1] for link in ui["links"] if link[0] == model_link)
+            texts[next(n["type"] for n in ui["nodes"] if n["id"] == source)] = outputs[str(node["id"])]["text"][0]
+    assert texts["GL_NFECounter"].startswith(f"{2 * steps:g} NFEs per image")
+    ag_nfe = float(texts["GL_AdaptiveGuidance"].split()[0])
+    assert steps < ag_nfe < 2 * steps and "conditional only after schedule step" in texts["GL_AdaptiveGuidance"]
