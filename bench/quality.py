@@ -92,6 +92,8 @@ def all_configs(apg_threshold: float, ag_threshold: float = DEFAULT_AG_THRESHOLD
     out = [Config(f"cfg-{s:g}", f"CFG {s:g}", "cfg", s, f"CFG {s:g}") for s in (1.0, 3.0, 5.0, 7.5, 10.0, 15.0)]
     out += [Config(f"ag-{s:g}", f"Adaptive Guidance, cfg {s:g} (γ̄ {ag_threshold:g})", "ag", s, f"AG cfg {s:g}")
             for s in (5.0, 7.5)]
+    out += [Config("linear_ag-5", "LinearAG, cfg 5 (default coefficients, first half)", "linear_ag", 5.0,
+                   "LinAG cfg 5")]
     out += [Config(f"apg-{s:g}", f"APG, cfg {s:g} (η 0, r {apg_threshold:g}, β −0.5)", "apg", s, f"APG cfg {s:g}")
             for s in (10.0, 15.0)]
     out += [Config(f"cfgpp-{s:g}", f"CFG++ λ {s:g}", "cfgpp", s, f"CFG++ {s:g}") for s in (0.6, 1.0)]
@@ -251,7 +253,10 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
             "model": model, "threshold": ag_threshold, "start_percent": 0.0, "end_percent": 1.0,
             "batch_policy": "all"}}
         model = ["7", 0]
-    if cfg.method in ("cfg", "apg", "ag"):
+    if cfg.method == "linear_ag":
+        g["7"] = {"class_type": "GL_LinearAG", "inputs": {"model": model, "first_fraction": 0.5, "tau": 0.05}}
+        model = ["7", 0]
+    if cfg.method in ("cfg", "apg", "ag", "linear_ag"):
         g["6"] = {"class_type": "KSampler", "inputs": {
             "model": model, "seed": prompt.seed, "steps": steps, "cfg": cfg.scale, "sampler_name": "euler",
             "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
@@ -588,7 +593,10 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
         f"- Graphs (executed in-process with `execution.PromptExecutor`, as the server runs a queued prompt): "
         f"`GL_DemoModelLoader` → `CLIPTextEncode` (prompt; negative \"\") → `KSampler` (euler, normal, {args.steps} "
         f"steps) → `VAEDecode`; APG: `GL_APG` (eta 0, norm_threshold {args.apg_threshold:g}, momentum −0.5, window "
-        f"0–1, no size scaling) before the KSampler; CFG++: `GL_SamplerCFGPP` (euler) + `BasicScheduler` (normal, "
+        f"0–1, no size scaling) before the KSampler; Adaptive Guidance: `GL_AdaptiveGuidance` (threshold "
+        f"{args.ag_threshold:g}, denoised space, batch policy all) before the KSampler; LinearAG: `GL_LinearAG` "
+        f"(default coefficients (1, 1, −1), first_fraction 0.5) before the KSampler; "
+        f"CFG++: `GL_SamplerCFGPP` (euler) + `BasicScheduler` (normal, "
         f"{args.steps} steps) → `SamplerCustom` with cfg = λ. `EmptyLatentImage` 256×256 → 32×32 pixel-space "
         f"latents, one batch of {args.per_prompt} images per prompt, seed = {args.seed} + prompt index (the same for "
         f"every configuration, so each column of the grid starts from the same noise).",

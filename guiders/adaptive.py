@@ -4,8 +4,9 @@ Works wherever a CFGGuider samples: core KSampler, KSamplerAdvanced, SamplerCust
 custom guiders that subclass CFGGuider without replacing `predict_noise`.
 
 * Before the switch the wrapper runs the host's normal path (so every pre-/post-CFG node takes effect) with a
-  capture hook put first in the pre-CFG list; it reads the raw conditional and unconditional predictions, turns
-  them into noise predictions ε = (x − α·D)/σ, and takes their cosine per sample.
+  capture hook put first in the pre-CFG list; it reads the raw conditional and unconditional predictions and takes
+  their cosine per sample, over all non-batch dims: in denoised space (D_c vs D_u, the default) or in noise space
+  (ε = (x − α·D)/σ).
 * When the batch's similarity exceeds the threshold (policy "all": every sample), the latch closes; from the next
   schedule entry on the wrapper calls the host's `sampling_function` with the negative left out and scale 1 —
   exactly the host's own cfg = 1 path, so pre- and post-CFG lists still run — and the model is evaluated on the
@@ -28,10 +29,13 @@ import torch
 import comfy.patcher_extension
 import comfy.samplers
 
-from ..kernels.adaptive import BATCH_POLICIES, AGState, batch_similarity, cosine_per_sample, noise_from_denoised
+from ..kernels.adaptive import (BATCH_POLICIES, SPACES, AGState, batch_similarity, cosine_per_sample,
+                                noise_from_denoised)
 from .family import coords_for
 from .nfe import current_run, install_nfe_counter
 from .run_state import NAMESPACE, install_run_state, run_state, step_index
+
+__all__ = ["BATCH_POLICIES", "SPACES", "check_settings", "patch_adaptive_guidance"]
 
 NODE = "GL_AdaptiveGuidance"
 STATE_KEY = "adaptive_guidance"
@@ -39,7 +43,7 @@ WRAPPER_KEY = f"{NAMESPACE}.{STATE_KEY}"
 LOG = logging.getLogger("guidance_lab")
 
 
-def check_settings(*, threshold, start_percent, end_percent, batch_policy) -> None:
+def check_settings(*, threshold, start_percent, end_percent, batch_policy, space="denoised") -> None:
     """Raise ValueError naming the node, the input and the fix."""
     if not math.isfinite(threshold):
         raise ValueError(f"{NODE}: threshold ({threshold}) must be a finite number; 0.99 is the usual value, "
@@ -52,6 +56,8 @@ def check_settings(*, threshold, start_percent, end_percent, batch_policy) -> No
                          f"start_percent ({start_percent}), the earliest; use end_percent = 1 for no forced switch")
     if batch_policy not in BATCH_POLICIES:
         raise ValueError(f"{NODE}: batch_policy {batch_policy!r} is not one of {list(BATCH_POLICIES)}")
+    if space not in SPACES:
+        raise ValueError(f"{NODE}: space {space!r} is not one of {list(SPACES)}")
 
 
 @dataclass
@@ -83,10 +89,10 @@ def _fallback_reason(guider, model_options) -> str | None:
 
 
 def patch_adaptive_guidance(model, *, threshold: float = 0.99, start_percent: float = 0.0,
-                            end_percent: float = 1.0, batch_policy: str = "all"):
+                            end_percent: float = 1.0, batch_policy: str = "all", space: str = "denoised"):
     """A clone of `model` whose sampling drops the unconditional branch once cond and uncond agree."""
     check_settings(threshold=threshold, start_percent=start_percent, end_percent=end_percent,
-                   batch_policy=batch_policy)
+                   batch_policy=batch_policy, space=space)
     coords_for(model.get_model_object("model_sampling"), node=NODE)   # clear error for unsupported families
     m = model.clone()
     install_nfe_counter(m)
@@ -135,10 +141,12 @@ def patch_adaptive_guidance(model, *, threshold: float = 0.99, start_percent: fl
         run.cfg_calls += 1
         if step is not None and "cond" in captured:
             sigma = timestep.float().reshape(-1)
-            alpha = 1.0 - sigma if run.flow else torch.ones_like(sigma)
-            eps_c = noise_from_denoised(x, captured["cond"], sigma, alpha)
-            eps_u = noise_from_denoised(x, captured["uncond"], sigma, alpha)
-            gammas = cosine_per_sample(eps_c, eps_u)
+            if space == "noise":
+                alpha = 1.0 - sigma if run.flow else torch.ones_like(sigma)
+                gammas = cosine_per_sample(noise_from_denoised(x, captured["cond"], sigma, alpha),
+                                           noise_from_denoised(x, captured["uncond"], sigma, alpha))
+            else:
+                gammas = cosine_per_sample(captured["cond"], captured["uncond"])
             run.measured.append((step, gammas.tolist()))
             run.state.observe(step, batch_similarity(gammas, batch_policy), float(sigma.max()))
         _note(model_options, run)

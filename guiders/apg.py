@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..kernels.apg import APGMomentum, apg_as_cond, effective_threshold
 from ..kernels._tensor import elements_per_sample
+from .nfe import install_nfe_counter
 from .run_state import install_run_state, run_state, step_index
 
 NODE = "GL_APG (Adaptive Projected Guidance)"
@@ -33,6 +34,7 @@ def patch_apg(model, *, eta: float = 0.0, norm_threshold: float = 15.0, momentum
     check_settings(eta=eta, norm_threshold=norm_threshold, momentum=momentum, start_percent=start_percent,
                    end_percent=end_percent)
     m = model.clone()
+    install_nfe_counter(m)
     install_run_state(m, STATE_KEY, lambda guider: APGMomentum(momentum) if momentum != 0 else None)
 
     def pre_cfg(args):

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..guiders.adaptive import check_settings, patch_adaptive_guidance
-from ..kernels.adaptive import BATCH_POLICIES
+from ..guiders.adaptive import BATCH_POLICIES, SPACES, check_settings, patch_adaptive_guidance
 from ._registry import register
 
 
@@ -22,9 +21,10 @@ class AdaptiveGuidance(io.ComfyNode):
                 "model call per step instead of two for the rest of the run (the paper reports about 25% less "
                 "compute at CFG quality). Works with KSampler, KSamplerAdvanced and SamplerCustomAdvanced; other "
                 "nodes' pre/post-CFG patches keep running after the switch. Agreement = cosine similarity of the "
-                "two noise predictions, per image over all latent dimensions (our reading of the paper; the "
-                "paper's threshold value is not confirmed). Falls back to plain CFG, with a log line, when there "
-                "is nothing to skip (cfg 1, no negative) or another node needs the unconditional prediction. "
+                "conditional and unconditional denoised predictions, per image over all latent dimensions "
+                "(Guidance Lab's design: the paper's exact space and threshold are not confirmed). Falls back "
+                "to plain CFG, with a log line, when there is nothing to skip (cfg 1, no negative) or another "
+                "node needs the unconditional prediction. "
                 "Counts model calls: wire the model into GL_NFEReport to see them."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (EPS, V-prediction or flow models: SD1.5, "
@@ -45,20 +45,33 @@ class AdaptiveGuidance(io.ComfyNode):
                     "How a batch decides (one model call serves the whole batch, so it switches as one): 'all' "
                     "switches when every image's similarity passed the threshold (safe, default); 'mean' when the "
                     "batch average did (earlier, but images that had not converged lose their guidance).")),
+                io.Combo.Input("space", options=list(SPACES), default="denoised", tooltip=(
+                    "Where the similarity is measured. 'denoised' (default): the two denoised predictions, which "
+                    "align more and more as sampling proceeds. 'noise': the two noise predictions — near 1 from "
+                    "the first step (both are mostly the input noise), so it needs thresholds like 0.9999; for "
+                    "experiments.")),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with Adaptive Guidance.")],
         )
 
     @classmethod
-    def validate_inputs(cls, start_percent=0.0, end_percent=1.0, **kwargs):
+    def validate_inputs(cls, start_percent=None, end_percent=None):
+        # named parameters only: a **kwargs here would make the host skip its own range checks of every input
+        for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                return f"GL_AdaptiveGuidance: {name} ({value}) must lie in [0, 1] (a fraction of the noise schedule)"
+        if start_percent is None or end_percent is None:
+            return True
         if end_percent < start_percent:
             return (f"GL_AdaptiveGuidance: end_percent ({end_percent}) is the latest switch and must not be below "
                     f"start_percent ({start_percent}); use end_percent = 1 for no forced switch")
         return True
 
     @classmethod
-    def execute(cls, model, threshold, start_percent, end_percent, batch_policy="all") -> io.NodeOutput:
+    def execute(cls, model, threshold, start_percent, end_percent, batch_policy="all",
+                space="denoised") -> io.NodeOutput:
         check_settings(threshold=threshold, start_percent=start_percent, end_percent=end_percent,
-                       batch_policy=batch_policy)
+                       batch_policy=batch_policy, space=space)
         return io.NodeOutput(patch_adaptive_guidance(model, threshold=threshold, start_percent=start_percent,
-                                                     end_percent=end_percent, batch_policy=batch_policy))
+                                                     end_percent=end_percent, batch_policy=batch_policy,
+                                                     space=space))

@@ -47,7 +47,13 @@ class APG(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start_percent=0.0, end_percent=1.0, **kwargs):
+    def validate_inputs(cls, start_percent=None, end_percent=None):
+        # named parameters only: a **kwargs here would make the host skip its own range checks of every input
+        for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                return f"GL_APG: {name} ({value}) must lie in [0, 1] (a fraction of the noise schedule)"
+        if start_percent is None or end_percent is None:
+            return True
         if not start_percent < end_percent:
             return (f"GL_APG: start_percent ({start_percent}) must be smaller than end_percent ({end_percent}); "
                     "set e.g. 0 and 1")

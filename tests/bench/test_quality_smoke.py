@@ -18,7 +18,7 @@ import host as host_module
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
 PER_PROMPT = 2
-CONFIGS = ("cfg-1", "cfg-5", "cfgpp-0.6", "ag-5")
+CONFIGS = ("cfg-1", "cfg-5", "ag-5", "cfgpp-0.6")   # in all_configs order
 pytestmark = pytest.mark.slow
 
 

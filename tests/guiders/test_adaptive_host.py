@@ -238,6 +238,8 @@ def test_bad_input_errors_name_the_node(ag, tiny):
         ag.patch_adaptive_guidance(m, threshold=float("nan"))
     with pytest.raises(ValueError, match="GL_AdaptiveGuidance.*batch_policy"):
         ag.patch_adaptive_guidance(m, batch_policy="any")
+    with pytest.raises(ValueError, match="GL_AdaptiveGuidance.*space"):
+        ag.patch_adaptive_guidance(m, space="latent")
 
 
 def test_patch_leaves_the_input_model_untouched(ag, tiny):
@@ -246,3 +248,33 @@ def test_patch_leaves_the_input_model_untouched(ag, tiny):
     patched = ag.patch_adaptive_guidance(m)
     assert {k: {kk: list(vv) for kk, vv in v.items()} for k, v in m.wrappers.items()} == before
     assert patched is not m
+
+
+@pytest.mark.parametrize("arch", ["sd15_eps", "flux"])
+def test_similarity_spaces_measure_what_they_say(ag, nfe, tiny, cond, arch):
+    """The recorded γ equal the cosines of the raw denoised predictions (default) or of their noise predictions,
+    recomputed here from a spy that sees the same raw predictions."""
+    import comfy.samplers
+    m = tiny(arch)
+    pos, neg = cond(arch, 1), cond(arch, 2)
+    flow = arch == "flux"
+    for space in ("denoised", "noise"):
+        patched = ag.patch_adaptive_guidance(m, threshold=1.5, space=space)
+        seen = []
+
+        def spy(args):
+            seen.append((args["input"].clone(), args["sigma"].clone(), args["conds_out"][0].clone(),
+                         args["conds_out"][1].clone()))
+            return args["conds_out"]
+        patched.set_model_sampler_pre_cfg_function(spy)
+        run(patched, pos, neg, 5.0, steps=4)
+        measured = dict(_details(nfe, patched)[1]["measured"])
+        sig = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), "simple", 4)
+        assert len(seen) == 4 and sorted(measured) == [0, 1, 2, 3]
+        for k, (x, s, c, u) in enumerate(seen):
+            assert float(s.max()) == pytest.approx(float(sig[k]))
+            if space == "noise":
+                a = (1 - s).view(-1, 1, 1, 1) if flow else 1.0
+                c, u = (x - a * c) / s.view(-1, 1, 1, 1), (x - a * u) / s.view(-1, 1, 1, 1)
+            ref = torch.nn.functional.cosine_similarity(c.flatten(1).double(), u.flatten(1).double(), dim=1)
+            assert measured[k] == pytest.approx(ref.tolist(), abs=1e-5)

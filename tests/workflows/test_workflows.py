@@ -87,6 +87,23 @@ def assert_images(ui: dict, outputs: dict) -> None:
                 assert any(lo != hi for lo, hi in im.getextrema()), f"{path} is flat (NaN latents decode to black)"
 
 
+def provide_files(ui: dict, object_info: dict) -> None:
+    """GL_LinearAGLoad reads a file that a calibration workflow writes: when it is missing, run that workflow first,
+    as a user runs demo_linear_ag.json once before demo_linear_ag_load.json (the output folder is fresh per session,
+    so the first calibration writes <prefix>_00001_.safetensors)."""
+    import host as host_module
+    cal = host_module.boot().pack("guiders.linear_ag_calibration")
+    for node in ui["nodes"]:
+        if node["type"] != "GL_LinearAGLoad" or cal.resolve(node["widgets_values"][0]) is not None:
+            continue
+        name = node["widgets_values"][0]
+        prefix = name.rsplit("_", 2)[0]                     # "demo_linear_ag_00001_.safetensors" -> "demo_linear_ag"
+        writer = next(p for p in WORKFLOWS for n in _load(p)["nodes"]
+                      if n["type"] == "GL_LinearAGCalibrate" and n["widgets_values"][-1] == prefix)
+        execute(wa.ui_to_api(_load(writer), object_info))
+        assert cal.resolve(name) is not None, f"{writer.name} did not write {name}"
+
+
 def with_arch(ui: dict, arch: str) -> dict:
     ui = copy.deepcopy(ui)
     for node in ui["nodes"]:
@@ -136,6 +153,7 @@ def test_every_pack_node_is_in_a_workflow(host):
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_executes_as_saved(path, object_info):
     ui = _load(path)
+    provide_files(ui, object_info)
     assert_images(ui, execute(wa.ui_to_api(ui, object_info)))
 
 
@@ -143,6 +161,7 @@ def test_workflow_executes_as_saved(path, object_info):
 @pytest.mark.parametrize("path", TINY_WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_executes_on_each_architecture(path, arch, object_info):
     ui = with_arch(_load(path), arch)
+    provide_files(ui, object_info)
     prompt = wa.ui_to_api(ui, object_info)
     assert {n["inputs"]["architecture"] for n in prompt.values() if n["class_type"] == "GL_TinyTestModel"} == {arch}
     assert_images(ui, execute(prompt))
@@ -259,3 +278,52 @@ def test_nfe_reports_show_the_adaptive_guidance_saving(arch, object_info):
     assert texts["GL_NFECounter"].startswith(f"{2 * steps:g} NFEs per image")
     ag_nfe = float(texts["GL_AdaptiveGuidance"].split()[0])
     assert steps < ag_nfe < 2 * steps and "conditional only after schedule step" in texts["GL_AdaptiveGuidance"]
+
+
+def _reports(ui: dict, outputs: dict) -> dict:
+    """{(type of the node feeding the report's model input, its id): report text} of every GL_NFEReport."""
+    texts = {}
+    for node in ui["nodes"]:
+        if node["type"] == "GL_NFEReport":
+            source = next(link[1] for link in ui["links"] if link[0] == node["inputs"][0]["link"])
+            texts[(next(n["type"] for n in ui["nodes"] if n["id"] == source), source)] = \
+                outputs[str(node["id"])]["text"][0]
+    return texts
+
+
+@pytest.mark.parametrize("arch", ["sd15_eps", "flux"])
+def test_nfe_reports_show_the_linear_ag_saving(arch, object_info):
+    """linear_ag.json: 8 steps, first_fraction 0.5 -> steps 1 and 3 predicted: 14 NFEs per image against CFG's 16."""
+    ui = with_arch(_load(REPO / "workflows" / "linear_ag.json"), arch)
+    texts = {kind: text for (kind, _), text in _reports(ui, execute(wa.ui_to_api(ui, object_info))).items()}
+    steps = next(n for n in ui["nodes"] if n["type"] == "KSampler")["widgets_values"][2]
+    assert steps == 8
+    assert texts["GL_NFECounter"].startswith("16 NFEs per image")
+    assert texts["GL_LinearAG"].startswith("14 NFEs per image") and "steps 1, 3" in texts["GL_LinearAG"]
+
+
+def test_demo_linear_ag_calibrates_saves_and_reloads(object_info):
+    """demo_linear_ag.json writes a coefficient file, reports fewer NFEs than CFG for both LinearAG rows, and
+    demo_linear_ag_load.json loads that very file (same table) and samples with it."""
+    import host as host_module
+    cal = host_module.boot().pack("guiders.linear_ag_calibration")
+    ui = _load(REPO / "workflows" / "demo_linear_ag.json")
+    before = set(cal.coefficient_files())
+    outputs = execute(wa.ui_to_api(ui, object_info))
+    written = sorted(set(cal.coefficient_files()) - before)
+    assert len(written) == 1 and written[0].startswith("demo_linear_ag_")
+    texts = _reports(ui, outputs)
+    cfg_text = next(t for (kind, _), t in texts.items() if kind == "GL_NFECounter")
+    assert cfg_text.startswith("40 NFEs per image")
+    lag_texts = [t for (kind, _), t in texts.items() if kind == "GL_LinearAG"]
+    assert len(lag_texts) == 2 and all(float(t.split()[0]) < 40 for t in lag_texts)
+    assert any("default coefficients" in t for t in lag_texts) and any("calibrated" in t for t in lag_texts)
+    summary = next(o["text"][0] for o in outputs.values() if "text" in o and "LinearAG coefficients" in o["text"][0])
+    assert "20 steps" in summary and written[0] in summary
+    load_ui = _load(REPO / "workflows" / "demo_linear_ag_load.json")
+    loader = next(n for n in load_ui["nodes"] if n["type"] == "GL_LinearAGLoad")
+    loader["widgets_values"][0] = written[0]
+    load_outputs = execute(wa.ui_to_api(load_ui, object_info))
+    assert_images(load_ui, load_outputs)
+    shown = [o["text"][0] for o in load_outputs.values() if "text" in o]
+    assert any(text.splitlines()[1:9] == summary.splitlines()[1:9] for text in shown)   # same fitted rows
