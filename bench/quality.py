@@ -65,6 +65,7 @@ PAIR_SEED = 7                   # world seed of the two-object prompts (held-out
 REF_SEED = 11                   # world seed of the real reference images
 DEFAULT_APG_THRESHOLD = 3.0     # see `--apg-threshold`
 DEFAULT_AG_THRESHOLD = 0.99     # GL_AdaptiveGuidance's default γ̄
+TUNED_AG_THRESHOLD = 0.999      # a stricter γ̄: later switch, fewer savings
 MODERATE_SCALES = (3.0, 5.0, 7.5)
 HIGH_SCALES = (10.0, 15.0)
 
@@ -82,6 +83,7 @@ class Config:
     method: str          # "cfg", "apg", "cfgpp", "ag" (Adaptive Guidance) or "linear_ag"
     scale: float         # KSampler cfg (CFG, APG) or λ (CFG++)
     short: str = ""      # ASCII label for the grid
+    threshold: float | None = None   # Adaptive Guidance γ̄ (None: the run's --ag-threshold)
     images: list = field(default_factory=list)      # [B, 3, 32, 32] per prompt, in prompt order
     nfe: list = field(default_factory=list)         # UNet rows per image, per prompt
     seconds: list = field(default_factory=list)     # graph wall time per prompt
@@ -90,8 +92,9 @@ class Config:
 
 def all_configs(apg_threshold: float, ag_threshold: float = DEFAULT_AG_THRESHOLD) -> list[Config]:
     out = [Config(f"cfg-{s:g}", f"CFG {s:g}", "cfg", s, f"CFG {s:g}") for s in (1.0, 3.0, 5.0, 7.5, 10.0, 15.0)]
-    out += [Config(f"ag-{s:g}", f"Adaptive Guidance, cfg {s:g} (γ̄ {ag_threshold:g})", "ag", s, f"AG cfg {s:g}")
-            for s in (5.0, 7.5)]
+    out += [Config("ag-5", f"Adaptive Guidance, cfg 5 (γ̄ {ag_threshold:g})", "ag", 5.0, "AG cfg 5"),
+            Config("ag_strict-5", f"Adaptive Guidance, cfg 5 (γ̄ {TUNED_AG_THRESHOLD:g})", "ag",
+                   5.0, "AG .999 cfg5", threshold=TUNED_AG_THRESHOLD)]
     out += [Config("linear_ag-5", "LinearAG, cfg 5 (default coefficients, first half)", "linear_ag", 5.0,
                    "LinAG cfg 5")]
     out += [Config(f"apg-{s:g}", f"APG, cfg {s:g} (η 0, r {apg_threshold:g}, β −0.5)", "apg", s, f"APG cfg {s:g}")
@@ -250,8 +253,8 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
         model = ["7", 0]
     if cfg.method == "ag":
         g["7"] = {"class_type": "GL_AdaptiveGuidance", "inputs": {
-            "model": model, "threshold": ag_threshold, "start_percent": 0.0, "end_percent": 1.0,
-            "batch_policy": "all"}}
+            "model": model, "threshold": cfg.threshold if cfg.threshold is not None else ag_threshold,
+            "start_percent": 0.0, "end_percent": 1.0, "batch_policy": "all", "space": "denoised"}}
         model = ["7", 0]
     if cfg.method == "linear_ag":
         g["7"] = {"class_type": "GL_LinearAG", "inputs": {"model": model, "first_fraction": 0.5, "tau": 0.05}}
@@ -548,9 +551,8 @@ def speedup_checks(rows: list[dict]) -> list[str]:
     by_key = {r["key"]: r for r in rows}
     lines = []
     for r in rows:
-        method, _, scale = r["key"].partition("-")
-        base = by_key.get(f"cfg-{scale}")
-        if method not in ("ag", "linear_ag") or base is None or r.get("nfe_mean") is None:
+        base = by_key.get(f"cfg-{r.get('scale', 0):g}")
+        if r.get("method") not in ("ag", "linear_ag") or base is None or r.get("nfe_mean") is None:
             continue
         nfe, ref_nfe = r["nfe_mean"], base["nfe_mean"]
         saving = 1 - nfe / ref_nfe
