@@ -31,6 +31,7 @@ import comfy.samplers
 
 from ..kernels.adaptive import (BATCH_POLICIES, SPACES, AGState, batch_similarity, cosine_per_sample,
                                 noise_from_denoised)
+from .capture import run_capturing_predictions
 from .family import coords_for
 from .nfe import current_run, install_nfe_counter
 from .run_state import NAMESPACE, install_run_state, run_state, step_index
@@ -127,17 +128,7 @@ def patch_adaptive_guidance(model, *, threshold: float = 0.99, start_percent: fl
             return comfy.samplers.sampling_function(guider.inner_model, x, timestep, None,
                                                     guider.conds.get("positive"), 1.0,
                                                     model_options=model_options, seed=seed)
-        captured = {}
-
-        def capture(args):
-            out = args["conds_out"]
-            if args["conds"][1] is not None and len(out) > 1:
-                captured["cond"], captured["uncond"] = out[0], out[1]
-            return out
-
-        opts = dict(model_options)
-        opts["sampler_pre_cfg_function"] = [capture] + list(model_options.get("sampler_pre_cfg_function", []))
-        result = executor(x, timestep, opts, seed)
+        result, captured = run_capturing_predictions(executor, x, timestep, model_options, seed)
         run.cfg_calls += 1
         if step is not None and "cond" in captured:
             sigma = timestep.float().reshape(-1)

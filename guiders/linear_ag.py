@@ -33,6 +33,7 @@ import comfy.samplers
 
 from ..kernels.linear_ag import DEFAULT_COEFFICIENTS, predict_uncond, predicted_steps
 from .adaptive import _fallback_reason
+from .capture import run_capturing_predictions
 from .linear_ag_calibration import calibrate_linear_ag, model_fingerprint  # noqa: F401  (public here too)
 from .nfe import current_run, install_nfe_counter
 from .run_state import NAMESPACE, install_run_state, run_state, step_index
@@ -188,17 +189,7 @@ def _schedule_point(model_options, timestep) -> int | None:
 
 def _cfg_call(executor, x, timestep, model_options, seed, run: LinearAGRun, step):
     """Normal path; a capture hook first in the pre-CFG list records the raw predictions of schedule points."""
-    captured = {}
-
-    def capture(args):
-        out = args["conds_out"]
-        if args["conds"][1] is not None and len(out) > 1:
-            captured["cond"], captured["uncond"] = out[0], out[1]
-        return out
-
-    opts = dict(model_options)
-    opts["sampler_pre_cfg_function"] = [capture] + list(model_options.get("sampler_pre_cfg_function", []))
-    result = executor(x, timestep, opts, seed)
+    result, captured = run_capturing_predictions(executor, x, timestep, model_options, seed)
     run.cfg_calls += 1
     if step is not None and "cond" in captured:      # cloned: a later hook may edit its tensors in place
         run.history = _History(step, captured["cond"].detach().clone(), captured["uncond"].detach().clone())
