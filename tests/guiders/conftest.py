@@ -24,3 +24,15 @@ def tiny(host):
 def cond(host):
     builder = host.pack("guiders.tiny_models")
     return builder.build_conditioning
+
+
+@pytest.fixture(scope="session")
+def ag(host):
+    """guiders.adaptive (GL_AdaptiveGuidance)."""
+    return host.pack("guiders.adaptive")
+
+
+@pytest.fixture(scope="session")
+def nfe(host):
+    """guiders.nfe (the pack's NFE counter)."""
+    return host.pack("guiders.nfe")

@@ -11,16 +11,6 @@ from hostutil import count_rows, run
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def ag(host):
-    return host.pack("guiders.adaptive")
-
-
-@pytest.fixture(scope="module")
-def nfe(host):
-    return host.pack("guiders.nfe")
-
-
 def _details(nfe, model):
     report = nfe.last_report(model)
     assert report is not None

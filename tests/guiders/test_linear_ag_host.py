@@ -23,16 +23,6 @@ def cal(host):
 
 
 @pytest.fixture(scope="module")
-def ag(host):
-    return host.pack("guiders.adaptive")
-
-
-@pytest.fixture(scope="module")
-def nfe(host):
-    return host.pack("guiders.nfe")
-
-
-@pytest.fixture(scope="module")
 def kernel(host):
     return host.pack("kernels.linear_ag")
 
