@@ -5,6 +5,7 @@ from comfy_api.latest import io
 
 from ..guiders.adaptive import BATCH_POLICIES, SPACES, check_settings, patch_adaptive_guidance
 from ._registry import register
+from ._validate import percent_range_error
 
 
 @register
@@ -56,10 +57,9 @@ class AdaptiveGuidance(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, start_percent=None, end_percent=None):
-        # named parameters only: a **kwargs here would make the host skip its own range checks of every input
-        for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
-            if value is not None and not 0.0 <= value <= 1.0:
-                return f"GL_AdaptiveGuidance: {name} ({value}) must lie in [0, 1] (a fraction of the noise schedule)"
+        error = percent_range_error("GL_AdaptiveGuidance", start_percent=start_percent, end_percent=end_percent)
+        if error:
+            return error
         if start_percent is None or end_percent is None:
             return True
         if end_percent < start_percent:

@@ -77,6 +77,8 @@ def test_adaptive_guidance_node_validates_and_patches(host, pack_nodes):
     out = ag.execute(tiny, 0.99, 0.0, 1.0, "all")
     assert out.result[0] is not tiny
     assert isinstance(ag.validate_inputs(start_percent=0.7, end_percent=0.2), str)
+    assert "end_percent (1.5) must lie in [0, 1]" in ag.validate_inputs(start_percent=0.0, end_percent=1.5)
+    assert ag.validate_inputs(start_percent=None, end_percent=0.5) is True        # linked input: not known yet
     assert ag.validate_inputs(start_percent=0.0, end_percent=1.0) is True
     with pytest.raises(ValueError, match="GL_AdaptiveGuidance.*end_percent"):
         ag.execute(tiny, 0.99, 0.7, 0.2, "all")
