@@ -9,6 +9,7 @@ else the copy scripts/setup.sh installs) and executes, with `execution.PromptExe
     GL_DemoModelLoader ─ MODEL ─ GLBench_CountNFE ─ [GL_APG] ─ KSampler (euler, normal) ─ VAEDecode ─ GLBench_Capture
                        └ CLIP ─ CLIPTextEncode (prompt) / CLIPTextEncode ("")   EmptyLatentImage 256×256 (32×32 latents)
     CFG++: GL_SamplerCFGPP (euler) + BasicScheduler (normal) → SamplerCustom (cfg = λ) instead of KSampler
+    FKC:   GL_SamplerFKC (K particles) + BasicScheduler (normal) → SamplerCustom (cfg = β) instead of KSampler
 
 Two bench-only nodes are registered in-process for the run (and removed afterwards): `GLBench_CountNFE`
 (MODEL → MODEL: a clone of the model with a DIFFUSION_MODEL wrapper that adds up the batch rows of every UNet
@@ -80,10 +81,11 @@ COLUMNS = ("configuration", "NFE/image", "attribute acc. (single)", "shape / col
 class Config:
     key: str
     label: str
-    method: str          # "cfg", "apg", "cfgpp", "ag" (Adaptive Guidance) or "linear_ag"
+    method: str          # "cfg", "apg", "cfgpp", "ag" (Adaptive Guidance), "linear_ag" or "fkc" (FKC particles)
     scale: float         # KSampler cfg (CFG, APG) or λ (CFG++)
     short: str = ""      # ASCII label for the grid
     threshold: float | None = None   # Adaptive Guidance γ̄ (None: the run's --ag-threshold)
+    particles: int = 0               # FKC: particles per image
     images: list = field(default_factory=list)      # [B, 3, 32, 32] per prompt, in prompt order
     nfe: list = field(default_factory=list)         # UNet rows per image, per prompt
     seconds: list = field(default_factory=list)     # graph wall time per prompt
@@ -100,6 +102,8 @@ def all_configs(apg_threshold: float, ag_threshold: float = DEFAULT_AG_THRESHOLD
     out += [Config(f"apg-{s:g}", f"APG, cfg {s:g} (η 0, r {apg_threshold:g}, β −0.5)", "apg", s, f"APG cfg {s:g}")
             for s in (10.0, 15.0)]
     out += [Config(f"cfgpp-{s:g}", f"CFG++ λ {s:g}", "cfgpp", s, f"CFG++ {s:g}") for s in (0.6, 1.0)]
+    out += [Config("fkc4-5", "FKC particles, CFG target β 5 (K 4, ddpm, clamp 2, best)", "fkc", 5.0, "FKC K4 cfg5",
+                   particles=4)]
     return out
 
 
@@ -266,6 +270,15 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
             "denoise": 1.0}}
     elif cfg.method == "cfgpp":
         g["8"] = {"class_type": "GL_SamplerCFGPP", "inputs": {"sampler_name": "euler", "eta": 1.0, "s_noise": 1.0}}
+        g["9"] = {"class_type": "BasicScheduler",
+                  "inputs": {"model": model, "scheduler": "normal", "steps": steps, "denoise": 1.0}}
+        g["6"] = {"class_type": "SamplerCustom", "inputs": {
+            "model": model, "add_noise": True, "noise_seed": prompt.seed, "cfg": cfg.scale, "positive": ["3", 0],
+            "negative": ["4", 0], "sampler": ["8", 0], "sigmas": ["9", 0], "latent_image": ["5", 0]}}
+    elif cfg.method == "fkc":
+        g["8"] = {"class_type": "GL_SamplerFKC", "inputs": {
+            "particles": cfg.particles, "propagation": "ddpm", "resample": "every_step", "kappa": 0.5,
+            "temperature": 1.0, "clamp": 2.0, "start_percent": 0.0, "end_percent": 1.0, "output": "best"}}
         g["9"] = {"class_type": "BasicScheduler",
                   "inputs": {"model": model, "scheduler": "normal", "steps": steps, "denoise": 1.0}}
         g["6"] = {"class_type": "SamplerCustom", "inputs": {
@@ -599,7 +612,9 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
         f"{args.ag_threshold:g}, denoised space, batch policy all) before the KSampler; LinearAG: `GL_LinearAG` "
         f"(default coefficients (1, 1, −1), first_fraction 0.5) before the KSampler; "
         f"CFG++: `GL_SamplerCFGPP` (euler) + `BasicScheduler` (normal, "
-        f"{args.steps} steps) → `SamplerCustom` with cfg = λ. `EmptyLatentImage` 256×256 → 32×32 pixel-space "
+        f"{args.steps} steps) → `SamplerCustom` with cfg = λ; FKC: `GL_SamplerFKC` (ddpm, resampling every step, "
+        f"clamp 2, output best) + `BasicScheduler` → `SamplerCustom` with cfg = β (K particles per image, one "
+        f"batch). `EmptyLatentImage` 256×256 → 32×32 pixel-space "
         f"latents, one batch of {args.per_prompt} images per prompt, seed = {args.seed} + prompt index (the same for "
         f"every configuration, so each column of the grid starts from the same noise).",
         f"- Prompts: {_n(n_single, 'held-out single-object caption')} (`demo.world.held_out_captions()`: "

@@ -44,9 +44,16 @@ CLIP_CONFIG = {"layer": "last", "layer_idx": None, "layer_norm_hidden_state": Tr
 MODEL_CONFIG = {
     "unet": unet_config(model_channels=32, channel_mult=[1, 2, 4], num_res_blocks=2, attention=[0, 1, 1],
                         context_dim=TEXT_WIDTH),
-    # The noise schedule is SD1's (no "sampling" section: sigma_max 14.6), the one the shipped checkpoint was trained
-    # with. Known limit: for 32x32 pixels sigma_max 14.6 is too little noise — the initial noise's per-channel mean
-    # (std 14.6/32 = 0.46) survives sampling and decides the background colour. A run with
+    # This is the architecture of the shipped checkpoint. Known defect, measured: ComfyUI's UNet normalises with
+    # GroupNorm(32 groups), so at model_channels 32 the output block's norm is per channel and removes every
+    # feature's spatial mean; the network cannot copy the input noise's per-channel mean into its eps prediction,
+    # and at high sigma the denoised image keeps the noise's colour cast (cast of D 0.115 vs the noise's 0.121 at
+    # sigma 14.6, at 800 and at 4000 steps) — the coloured, noisy backgrounds of the quality grid. model_channels 64
+    # (2 channels per group), channel_mult [1, 1, 1] (3.2 M parameters) removes it (cast 0.0007 after 6000 steps,
+    # Frechet distance 348 instead of 990 at CFG 5), but that run froze the text encoder at step 1500
+    # (--freeze-text-at defaults to --weak-at) and then ignored its prompts (5.7 % attribute accuracy), so it was
+    # not shipped; the next run keeps the 64-channel UNet and trains the text encoder much longer.
+    # The noise schedule is SD1's (no "sampling" section: sigma_max 14.6). A run with
     # "sampling": {"linear_start": 0.00085, "linear_end": 0.025} (sigma_max 167) and channel_mult [1, 2, 3], 6000
     # steps, did not work with EPS prediction: the eps prediction's small amplitude errors are multiplied by sigma
     # along the sampler's path and samples end at |x| up to 19 (80 % of pixels outside [-1, 1]).
@@ -62,7 +69,8 @@ WORLD = {"seed": 0, "size": 32, "kind": "mixed", "split": "train"}
 # training defaults of demo/train.py (the shipped files record the values actually used in their metadata)
 TRAIN = {
     "seed": 0, "steps": 8000, "batch": 32, "lr": 1e-3, "warmup": 200, "min_lr_ratio": 0.1, "weight_decay": 0.01,
-    "grad_clip": 1.0, "ema_decay": 0.999, "caption_dropout": 0.1, "weak_at": 1500, "log_every": 50,
+    "grad_clip": 1.0, "ema_decay": 0.999, "caption_dropout": 0.1,
+    "lowpass_weight": 0.0, "lowpass_pool": 8, "weak_at": 1500, "log_every": 50,
     "probe_every": 500, "probe_batch": 32,
 }
 

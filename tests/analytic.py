@@ -55,7 +55,8 @@ class GMMNet(torch.nn.Module):
         self.calls += 1
         self.rows += xc.shape[0]
         sigma = transformer_options["sigmas"].to(torch.float64).view(-1)
-        sigma = sigma.expand(xc.shape[0]) if sigma.numel() == 1 else sigma
+        if sigma.numel() != xc.shape[0]:       # the host passes the un-batched sigmas; chunks are concatenated
+            sigma = sigma.repeat(xc.shape[0] // sigma.numel())
         xc = xc.to(torch.float64)
         sv = sigma.view(-1, *([1] * (xc.ndim - 1)))
         if self.kind == "flow":

@@ -91,3 +91,22 @@ def test_same_seed_same_weights(tmp_path):
         files.append(safetensors.torch.load_file(str(out)))
     assert files[0].keys() == files[1].keys()
     assert all(torch.equal(files[0][k], files[1][k]) for k in files[0])
+
+
+def test_lowpass_loss_adds_the_low_frequency_image_error(tmp_path):
+    """Same seed and probe batch: the probe loss at step 0 grows by the extra term, which is recorded in the file's
+    metadata; a block size that does not divide the image is refused."""
+    probes = {}
+    for w in ("0", "1"):
+        stdout = _train(tmp_path / w / "m.safetensors", "--steps", "1", "--batch", "4", "--weak-at", "0",
+                        "--probe-batch", "4", "--seed", "3", "--lowpass-weight", w)
+        probes[w] = _summary(stdout)["probe"][0][1]
+    assert probes["1"] > probes["0"] * 1.01, probes
+    import safetensors
+    with safetensors.safe_open(str(tmp_path / "1" / "m.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["training"])["lowpass_weight"] == 1.0
+    import host as host_module
+    env = {**os.environ, "GL_COMFYUI_ROOT": str(host_module.comfy_root())}
+    proc = subprocess.run([sys.executable, str(REPO / "demo" / "train.py"), "--lowpass-pool", "5"],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=str(REPO))
+    assert proc.returncode == 2 and "--lowpass-pool" in proc.stderr

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 PACK = Path(__file__).resolve().parents[2]
-EXPECTED = {"GL_APG", "GL_SamplerCFGPP", "GL_TinyTestModel", "GL_AdaptiveGuidance", "GL_NFECounter", "GL_NFEReport"}
+EXPECTED = {"GL_APG", "GL_SamplerCFGPP", "GL_TinyTestModel", "GL_AdaptiveGuidance", "GL_NFECounter", "GL_NFEReport",
+            "GL_SamplerFKC", "GL_FKCGuider"}
 
 
 @pytest.fixture(scope="module")
