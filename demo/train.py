@@ -320,6 +320,10 @@ def train(args, comfy_version: str = "unknown") -> dict:
 
 
 def _loop(trainer: Trainer, args, t0: float) -> dict:
+    if args.freeze_text_at and args.freeze_text_at < args.steps // 2:
+        log(f"warning: the text encoder stops learning at step {args.freeze_text_at} of {args.steps} "
+            "(--freeze-text-at, default --weak-at); a run frozen at 1500 of 6000 steps ignored its prompts. "
+            "Freeze later (and take the weak checkpoint there), or pass --freeze-text-at 0")
     log(f"demo model: UNet {trainer.unet_params / 1e6:.2f} M params, text encoder {trainer.text_params / 1e6:.2f} M; "
         f"{args.steps} steps x batch {args.batch} on {args.device} ({args.threads} threads, {args.precision}), "
         f"seed {args.seed}")
