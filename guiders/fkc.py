@@ -67,8 +67,7 @@ class FKCGuider(comfy.samplers.CFGGuider):
     """A guider whose target is Π q_i^{β_i} (mode: cfg, product, composition, annealing).
 
     `fkc_experts` returns every expert's denoised prediction from one batched host call; `predict_noise` returns
-    D_eff = x̃ + Σβ_i(D_i − x̃) (times α for flow models' x-space is not needed: D is an x0 prediction), so the
-    guider also works with every core sampler (unweighted)."""
+    the x0 prediction D_eff = x̃ + Σβ_i(D_i − x̃), so the guider also works with every core sampler (unweighted)."""
 
     def __init__(self, model_patcher, mode: str, beta: float = 1.0):
         super().__init__(model_patcher)
@@ -151,12 +150,11 @@ class FKCSampler(comfy.samplers.Sampler):
         self.k = int(particles)
         if self.k < 1:
             raise FKCError(f"{NODE}: particles = {particles}; use at least 1 (2 or more for any correction)")
-        if propagation not in smc.PROPAGATIONS:
-            raise FKCError(f"{NODE}: unknown propagation {propagation!r}; choose one of {smc.PROPAGATIONS}")
-        if self.k > 1 and propagation not in smc.STOCHASTIC_PROPAGATIONS:
-            raise FKCError(f"{NODE}: propagation {propagation!r} is deterministic (an ODE step) and the FKC weights "
-                           f"are only valid for the stochastic reverse SDE; choose 'ddpm' or 'euler_maruyama', or "
-                           "set particles = 1 for an unweighted comparison run")
+        try:
+            smc.check_propagation(propagation, weighted=self.k > 1)
+        except ValueError as e:
+            raise FKCError(f"{NODE}: {e}. Choose ddpm or euler_maruyama (or particles = 1 for an unweighted "
+                           "comparison run)") from None
         for name, v, lo, hi in (("kappa", kappa, 0.0, 1.0), ("start_percent", start_percent, 0.0, 1.0),
                                 ("end_percent", end_percent, 0.0, 1.0)):
             if not lo <= float(v) <= hi:
@@ -235,10 +233,10 @@ class FKCSampler(comfy.samplers.Sampler):
         def to_im(t):
             return t.unflatten(0, (k, b)).transpose(0, 1).flatten(0, 1)
 
-        noise_pm = to_pm(noise_p * scale)
-        latent_pm = to_pm(latent_p)
-        mask_pm = to_pm(mask_p) if mask_p is not None else None
-        current = {"betas": betas0}
+        if mask_p is not None:   # inpainting: what KSamplerX0Inpaint blends in, per particle
+            mask_pm, noise_pm, latent_pm = to_pm(mask_p), to_pm(noise_p * scale), to_pm(latent_p)
+        else:
+            mask_pm = None
 
         def denoise_experts(x_im, sigma):
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -252,8 +250,8 @@ class FKCSampler(comfy.samplers.Sampler):
                                                                                        "sigmas": sigmas})
                 xx = xx * m + base.scale_latent_inpaint(x=xx, sigma=t, noise=noise_pm, latent_image=latent_pm) * (1 - m)
             ds, betas = experts(xx, t)
-            if tuple(betas) != tuple(current["betas"]):
-                raise FKCError(f"{NODE}: the guider's target changed during the run ({current['betas']} → {betas}); "
+            if tuple(betas) != tuple(betas0):
+                raise FKCError(f"{NODE}: the guider's target changed during the run ({betas0} → {betas}); "
                                "another node (e.g. Adaptive Guidance) skips the unconditional branch — remove it")
             if m is not None:
                 ds = [d * m + latent_pm * (1 - m) for d in ds]
@@ -267,9 +265,11 @@ class FKCSampler(comfy.samplers.Sampler):
         def on_step(info):
             if callback is None:
                 return
-            d = smc.effective_denoised(info["x"], info["denoised"], current["betas"], info["sigma"], coords=coords)
-            rows = slice(None) if self.output == "all" else slice(None, None, k)
-            callback(info["i"], d[rows].to(noise.dtype), info["x"][rows], total)
+            rows = slice(None) if self.output == "all" else slice(None, None, k)   # particle 0 of each image
+            x_rows = info["x"][rows]
+            d = smc.effective_denoised(x_rows, [e[rows] for e in info["denoised"]], betas0, info["sigma"],
+                                       coords=coords)
+            callback(info["i"], d.to(noise.dtype), x_rows, total)
 
         result = smc.sample_fkc(denoise_experts, x, sigmas.tolist(), k=k, betas=betas0, coords=coords,
                                 propagation=self.propagation, resample=self.resample, kappa=self.kappa,
