@@ -8,7 +8,7 @@ Writes demo/weights/demo_model.safetensors and demo/weights/demo_model_weak.safe
 The shipped files were trained on one NVIDIA H200 (torch 2.11, bf16): 0.173 s/step at batch 256, 5.8 minutes.
 That rate is set by the CPU side (scene drawing, tokenizing, ComfyUI's per-token Python loop of SDClipModel), not
 the GPU: batch 1024 took 0.50 s/step. On 2 cores of an AMD EPYC (idle machine, --threads 2, bf16) the same UNet
-takes 0.58 s/step at batch 32, so the full recipe would take about 2.5 hours there.
+takes 0.58 s/step at batch 32, so the full recipe would take about 2.6 hours there.
 
 Reproducible: the weights depend only on the arguments (seed, steps, batch, lr, precision, ...), the model config
 (demo/model_config.py) and the demo world (demo/world.py) — bit for bit on the same CPU and --threads; other
@@ -192,6 +192,7 @@ class Trainer:
         self.pending = None
         self.token_cache: dict[str, list[int]] = {}
         self.empty = self.tokens([""])[0]
+        self.fed = set(self.empty)
         self.comfy_version = comfy_version
         self.text_frozen = False
         self.unet_params = sum(p.numel() for p in self.net.parameters())
@@ -218,23 +219,31 @@ class Trainer:
                                                      kind=WORLD["kind"], split=WORLD["split"])
         return images * 2 - 1, captions
 
+    def _tokenized(self, start: int, count: int):
+        x0, captions = self.data(start, count)
+        return x0, self.tokens(captions)
+
     def train_data(self, step: int):
-        """The scenes of training step `step` (step·batch onwards), prefetched on the GPU path."""
+        """Scenes and caption tokens of training step `step` (scenes step·batch onwards); on the GPU path they are
+        prepared on a CPU thread while the previous step runs (same data, same order)."""
         a = self.args
         if self.pending is not None and self.pending[0] == step:
-            x0, captions = self.pending[1].result()
+            x0, tokens = self.pending[1].result()
         else:
-            x0, captions = self.data(step * a.batch, a.batch)
+            x0, tokens = self._tokenized(step * a.batch, a.batch)
         self.pending = None
         if self.pool is not None and step + 1 < a.steps:
-            self.pending = (step + 1, self.pool.submit(self.data, (step + 1) * a.batch, a.batch))
-        return x0, captions
+            self.pending = (step + 1, self.pool.submit(self._tokenized, (step + 1) * a.batch, a.batch))
+        return x0, tokens
 
     def _make_probe(self):
         torch, a = self.torch, self.args
         x0, captions = self.data(PROBE_START, a.probe_batch)
         gen = torch.Generator().manual_seed(a.seed + 2)
-        self.probe = {"x0": x0, "tokens": self.tokens(captions),
+        probe_tokens = self.tokens(captions)
+        for t in probe_tokens:
+            self.fed.update(t)
+        self.probe = {"x0": x0, "tokens": probe_tokens,
                       "noise": torch.randn(x0.shape, generator=gen),
                       "idx": torch.linspace(0, len(self.sigmas) - 1, a.probe_batch).round().long()}
 
@@ -265,11 +274,13 @@ class Trainer:
 
     def step(self, step: int) -> float:
         torch, a = self.torch, self.args
-        x0, captions = self.train_data(step)
+        x0, caption_tokens = self.train_data(step)
         drop = torch.rand(a.batch, generator=self.gen) < a.caption_dropout
         noise = torch.randn(x0.shape, generator=self.gen)
         idx = torch.randint(0, len(self.sigmas), (a.batch,), generator=self.gen)
-        tokens = [self.empty if d else t for d, t in zip(drop.tolist(), self.tokens(captions))]
+        for t in caption_tokens:
+            self.fed.update(t)
+        tokens = [self.empty if d else t for d, t in zip(drop.tolist(), caption_tokens)]
         lr = lr_at(step, a)
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -324,7 +335,7 @@ class Trainer:
         meta = {"checkpoint": kind, "train_seed": str(a.seed), "train_steps": str(steps), "git_commit": git_commit(),
                 "world_seed": str(a.world_seed), "world_size": str(a.size), "world": json.dumps(world, sort_keys=True),
                 "training": json.dumps(training, sort_keys=True)}
-        token_ids = {t for ids in self.token_cache.values() for t in ids}  # every token the model was fed
+        token_ids = self.fed  # every token the model was fed (not those of a prefetched batch)
         self.dm.save_demo_file(path, tensors, self.config, self.clip, meta, token_ids=token_ids)
         log(f"saved {kind} checkpoint (EMA, step {steps}) to {path}")
 

@@ -162,11 +162,36 @@ def _out_of_place_clip_layer(layer):
     return forward
 
 
+def _batched_process_tokens(encoder: comfy.sd1_clip.SDClipModel):
+    """`SDClipModel.process_tokens` for a batch of plain token-id lists of one length, in one embedding call: the
+    host's version loops over every token in Python and embeds each caption on its own (a host-to-device copy, an
+    embedding kernel and its backward per caption), which set the pace of GPU training. Same embeddings, attention
+    mask (1 up to and including the first end token) and token counts; anything else (embeddings, weights, ragged
+    lists) goes to the host's version."""
+    host_version = encoder.process_tokens
+    end = encoder.special_tokens.get("end")
+    stop = end if end is not None else encoder.special_tokens.get("pad", -1)
+
+    def process_tokens(tokens, device):
+        plain = (len(tokens) > 0 and len({len(t) for t in tokens}) == 1
+                 and all(type(y) is int for t in tokens for y in t))
+        if not plain:
+            return host_version(tokens, device)
+        ids = torch.tensor(tokens, dtype=torch.long)
+        hit = ids == stop
+        seen = hit.long().cumsum(1)
+        mask = (seen == 0) | ((seen == 1) & hit) if end is not None else seen == 0
+        embeds = encoder.transformer.get_input_embeddings()(ids.to(device), out_dtype=torch.float32)
+        return embeds, mask.long().to(device), mask.sum(1).tolist(), []
+    return process_tokens
+
+
 @contextlib.contextmanager
 def trainable_text_encoder(clip: comfy.sd.CLIP):
     """The SDClipModel of `clip`, made differentiable for training: parameters require grad, and each
     `comfy.clip_model.CLIPLayer` runs an out-of-place copy of its forward (ComfyUI's `x += ...` overwrites a tensor
-    that LayerNorm saved for backward, so backward fails). Same values; restored on exit (instance attributes, as
+    that LayerNorm saved for backward, so backward fails); token lists are embedded in one batched call
+    (`_batched_process_tokens`). Same values; restored on exit (instance attributes, as
     comfy_extras/nodes_train.py does for gradient checkpointing)."""
     import comfy.clip_model
     encoder = text_encoder(clip)
@@ -174,10 +199,12 @@ def trainable_text_encoder(clip: comfy.sd.CLIP):
     try:
         for layer in layers:
             layer.forward = _out_of_place_clip_layer(layer)
+        encoder.process_tokens = _batched_process_tokens(encoder)
         encoder.requires_grad_(True)
         yield encoder
     finally:
         encoder.requires_grad_(False)
+        encoder.__dict__.pop("process_tokens", None)
         for layer in layers:
             layer.__dict__.pop("forward", None)
 

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import host
+import numpy as np
 import pytest
 import torch
 
@@ -293,6 +294,25 @@ def test_trainable_text_encoder_gives_gradients_and_same_values(dm, config):
             assert grad is not None and grad.abs().sum() > 0
     assert not any(p.requires_grad for p in dm.text_encoder(clip).parameters())
     assert all("forward" not in m.__dict__ for m in dm.text_encoder(clip).modules())
+    assert "process_tokens" not in dm.text_encoder(clip).__dict__
+
+
+def test_batched_token_embedding_matches_the_hosts_loop(dm, config):
+    """The training path embeds a batch of captions in one call; embeddings, masks and counts equal the host's."""
+    _patcher, clip, _vae = dm.build_demo_model(config, SEED)
+    captions = ["a green star above a purple cross", "", "a red circle", "a red circle left of a blue square"]
+    tokens = dm.tokenize(clip, captions)
+    tokens[2] = tokens[2][:10] + [49407] * 3 + tokens[2][13:]   # several end tokens in a row
+    encoder = dm.text_encoder(clip)
+    expected = encoder.process_tokens(tokens, "cpu")
+    with torch.inference_mode(False), torch.enable_grad():
+        with dm.trainable_text_encoder(clip) as trainable:
+            got = trainable.process_tokens(tokens, "cpu")
+            numpy_ids = trainable.process_tokens([[np.int64(t) for t in tokens[0]]], "cpu")  # the host's loop
+    assert torch.equal(got[0].detach(), expected[0]) and torch.equal(got[1], expected[1])
+    assert got[2] == expected[2] and got[3] == expected[3] == []
+    assert expected[2][1] == 2                                   # "" = start + end
+    assert torch.equal(numpy_ids[0], expected[0][:1]) and numpy_ids[2] == [expected[2][0]]
 
 
 # --------------------------------------------------------------------------------- the node, in a real graph
