@@ -1,6 +1,7 @@
 """Quality of guidance methods on the pack's demo model, measured through the real ComfyUI execution path.
 
     python bench/quality.py [--weights PATH] [--quick] [--images N] [--out BENCHMARKS.md] [--grid PATH]
+    python bench/quality.py --classifier     # classifier-guidance rows (EluCD vs CFG), section "classifier_guidance"
 
 Boots ComfyUI in-process on the CPU exactly as the tests do (tests/host.py: $GL_COMFYUI_ROOT, else $COMFYUI_PATH,
 else the copy scripts/setup.sh installs) and executes, with `execution.PromptExecutor`, one API-format graph per
@@ -59,7 +60,6 @@ import torch  # noqa: E402
 
 SECTION = "quality"
 TITLE = "Quality of guidance methods on the demo model (CPU)"
-DEFAULT_JSON = BENCH_DIR / "results" / "quality.json"
 IMAGE_SIZE = 32                 # demo model: pixel space, 32×32
 LATENT_WIDGET = 8 * IMAGE_SIZE  # EmptyLatentImage width/height (ComfyUI divides by 8)
 PAIR_SEED = 7                   # world seed of the two-object prompts (held-out pair scenes)
@@ -81,11 +81,13 @@ COLUMNS = ("configuration", "NFE/image", "attribute acc. (single)", "shape / col
 class Config:
     key: str
     label: str
-    method: str          # "cfg", "apg", "cfgpp", "ag" (Adaptive Guidance), "linear_ag" or "fkc" (FKC particles)
+    method: str          # "cfg", "apg", "cfgpp", "ag" (Adaptive Guidance), "linear_ag", "fkc" (FKC particles) or
+    #                      "elucd" (classifier guidance with the demo guidance classifier)
     scale: float         # KSampler cfg (CFG, APG) or λ (CFG++)
     short: str = ""      # ASCII label for the grid
     threshold: float | None = None   # Adaptive Guidance γ̄ (None: the run's --ag-threshold)
     particles: int = 0               # FKC: particles per image
+    classifier_scale: float = 0.0    # EluCD: GL_ClassifierGuidance scale
     images: list = field(default_factory=list)      # [B, 3, 32, 32] per prompt, in prompt order
     nfe: list = field(default_factory=list)         # UNet rows per image, per prompt
     seconds: list = field(default_factory=list)     # graph wall time per prompt
@@ -105,6 +107,26 @@ def all_configs(apg_threshold: float, ag_threshold: float = DEFAULT_AG_THRESHOLD
     out += [Config("fkc4-5", "FKC particles, CFG target β 5 (K 4, ddpm, clamp 2, best)", "fkc", 5.0, "FKC K4 cfg5",
                    particles=4)]
     return out
+
+
+def extra_configs() -> list[Config]:
+    """Configurations run only when --configs names them (the standard run must fit 30 minutes on 2 cores)."""
+    return [Config(f"elucd{s:g}-{c:g}", f"EluCD classifier guidance s {s:g}, cfg {c:g} (demo guidance classifier)",
+                   "elucd", c, f"EluCD {s:g} cfg{c:g}", classifier_scale=s)
+            for c, s in ((1.0, 1.0), (3.0, 1.0), (5.0, 0.5), (5.0, 1.0), (5.0, 2.0))]
+
+
+CLASSIFIER_CONFIGS = "cfg-1,cfg-3,cfg-5,elucd1-1,elucd1-3,elucd0.5-5,elucd1-5,elucd2-5"
+
+
+def classifier_target(prompt) -> str:
+    """The guidance classifier's class for a prompt: its (colour, shape); for a two-object prompt the first
+    object named in the caption's scene (the classifier knows single objects only)."""
+    from demo import world
+    if prompt.kind == "single":
+        return f"{world.COLORS[prompt.combo[0]]} {world.SHAPES[prompt.combo[1]]}"
+    first = prompt.scene["objects"][0]
+    return f"{first['color']} {first['shape']}"
 
 
 # ------------------------------------------------------------------------------------------------ prompts, reference
@@ -263,7 +285,14 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
     if cfg.method == "linear_ag":
         g["7"] = {"class_type": "GL_LinearAG", "inputs": {"model": model, "first_fraction": 0.5, "tau": 0.05}}
         model = ["7", 0]
-    if cfg.method in ("cfg", "apg", "ag", "linear_ag"):
+    if cfg.method == "elucd":
+        g["12"] = {"class_type": "GL_ClassifierLoader", "inputs": {"classifier": "demo_classifier.safetensors"}}
+        g["7"] = {"class_type": "GL_ClassifierGuidance", "inputs": {
+            "model": model, "classifier": ["12", 0], "target": classifier_target(prompt),
+            "scale": cfg.classifier_scale, "joint_temperature": 1.0, "marginal_discount": 0.5, "softplus_beta": 3.0,
+            "gamma": 0.3, "schedule": "sine", "decoder": "auto", "start_percent": 0.0, "end_percent": 1.0}}
+        model = ["7", 0]
+    if cfg.method in ("cfg", "apg", "ag", "linear_ag", "elucd"):
         g["6"] = {"class_type": "KSampler", "inputs": {
             "model": model, "seed": prompt.seed, "steps": steps, "cfg": cfg.scale, "sampler_name": "euler",
             "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
@@ -581,6 +610,24 @@ def speedup_checks(rows: list[dict]) -> list[str]:
     return lines
 
 
+def classifier_checks(rows: list[dict]) -> list[str]:
+    by_key = {r["key"]: r for r in rows}
+    lines = []
+    for r in rows:
+        if not r["key"].startswith("elucd"):
+            continue
+        base = by_key.get("cfg-" + r["key"].split("-", 1)[1])
+        if base is None:
+            continue
+        lines.append(f"- {r['label']} vs CFG {base['label'].split()[-1]}: attribute accuracy "
+                     f"{_pct(r['attribute'])} vs {_pct(base['attribute'])} "
+                     f"({100 * (r['attribute'] - base['attribute']):+.1f} points), relation accuracy "
+                     f"{_pct(r['relation'])} vs {_pct(base['relation'])}, Fréchet distance {_num(r['fd'], 2)} vs "
+                     f"{_num(base['fd'], 2)} (×{r['fd'] / base['fd']:.3f}), s/image {_num(r['s_per_image'], 3)} vs "
+                     f"{_num(base['s_per_image'], 3)} (×{r['s_per_image'] / base['s_per_image']:.2f}).")
+    return lines
+
+
 def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list[Config]) -> str:
     w = info["weights"]
     n_single = sum(p.kind == "single" for p in prompts)
@@ -588,7 +635,7 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
     per_config = len(prompts) * args.per_prompt
     apg = [c for c in configs if c.method == "apg"]
     lines = [
-        f"## {TITLE}",
+        f"## {TITLE if args.section == SECTION else args.title}",
         "",
         "Command (from the repository root, `python` = the project venv's interpreter):",
         "",
@@ -614,7 +661,12 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
         f"CFG++: `GL_SamplerCFGPP` (euler) + `BasicScheduler` (normal, "
         f"{args.steps} steps) → `SamplerCustom` with cfg = λ; FKC: `GL_SamplerFKC` (ddpm, resampling every step, "
         f"clamp 2, output best) + `BasicScheduler` → `SamplerCustom` with cfg = β (K particles per image, one "
-        f"batch). `EmptyLatentImage` 256×256 → 32×32 pixel-space "
+        f"batch)" + ("; EluCD: `GL_ClassifierLoader` (demo_classifier.safetensors, the demo world's guidance "
+                      "classifier — not the evaluator) → `GL_ClassifierGuidance` (T1 1, discount 0.5, softplus 3, "
+                      "γ 0.3, sine schedule, identity decoder; target = the prompt's colour and shape, for a "
+                      "two-object prompt its first object) before the KSampler"
+                      if any(c.method == "elucd" for c in configs) else "") + ". `EmptyLatentImage` 256×256 → "
+        f"32×32 pixel-space "
         f"latents, one batch of {args.per_prompt} images per prompt, seed = {args.seed} + prompt index (the same for "
         f"every configuration, so each column of the grid starts from the same noise).",
         f"- Prompts: {_n(n_single, 'held-out single-object caption')} (`demo.world.held_out_captions()`: "
@@ -638,11 +690,13 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
         "configurations are interleaved per prompt in a rotating order.",
         "",
         *table(rows),
-        "",
-        "Quality bar of the demo model (issue 3, item 4):",
-        "",
-        *quality_bar(rows),
     ]
+    if args.section == SECTION:
+        lines += ["", "Quality bar of the demo model (issue 3, item 4):", "", *quality_bar(rows)]
+    guided = classifier_checks(rows)
+    if guided:
+        lines += ["", "Classifier guidance against CFG at the same cfg (targets of the classifier-guidance issue: "
+                      "higher attribute accuracy; better Fréchet distance at low scales):", "", *guided]
     savings = speedup_checks(rows)
     if savings:
         lines += ["", "Model-call savings against CFG at the same scale and steps (targets of the Adaptive Guidance "
@@ -670,6 +724,12 @@ def parse_args(argv=None):
     ap.add_argument("--per-prompt", type=int, default=None,
                     help="images per prompt, one batch (default 8; --quick 4)")
     ap.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    ap.add_argument("--section", default=SECTION, help=f"section of --out to write (default {SECTION!r}; "
+                    "other sections get --title and no quality-bar lines)")
+    ap.add_argument("--title", default="Classifier guidance on the demo model (CPU)",
+                    help="heading of a section other than the default one")
+    ap.add_argument("--classifier", action="store_true",
+                    help=f"shorthand for --configs {CLASSIFIER_CONFIGS} --section classifier_guidance")
     ap.add_argument("--configs", default="all",
                     help="comma-separated configuration keys (default all: " + ", ".join(
                         c.key for c in all_configs(DEFAULT_APG_THRESHOLD)) + ")")
@@ -680,10 +740,11 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of prompt 0 (prompt k uses seed + k)")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"),
                     help="Markdown file whose `quality` section is (re)written (default: BENCHMARKS.md)")
-    ap.add_argument("--grid", default=str(BENCH_DIR / "results" / "quality_grid.png"),
-                    help="comparison grid PNG (configurations × prompts) (default: bench/results/quality_grid.png)")
+    ap.add_argument("--grid", default=None, help="comparison grid PNG (configurations × prompts) (default: "
+                    "bench/results/quality_grid.png, or <section>_grid.png for another --section)")
     ap.add_argument("--grid-prompts", type=int, default=8, help="prompt columns of the grid (default 8)")
-    ap.add_argument("--json", default=str(DEFAULT_JSON), help="raw results (default: bench/results/quality.json)")
+    ap.add_argument("--json", default=None, help="raw results (default: bench/results/quality.json, or "
+                    "<section>.json for another --section)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch.set_num_threads (default: all cores, %(default)s here)")
     ap.add_argument("--attention", choices=("pytorch", "comfy-default"), default="pytorch",
@@ -694,8 +755,14 @@ def parse_args(argv=None):
     args.per_prompt = args.per_prompt if args.per_prompt is not None else (4 if args.quick else 8)
     if args.images < 1 or args.per_prompt < 1 or args.steps < 1 or args.threads < 1:
         ap.error("need --images, --per-prompt, --steps, --threads >= 1")
-    known = [c.key for c in all_configs(args.apg_threshold)]
-    args.config_keys = known if args.configs == "all" else [k.strip() for k in args.configs.split(",") if k.strip()]
+    if args.classifier:
+        args.configs, args.section = CLASSIFIER_CONFIGS, "classifier_guidance"
+    stem = "quality" if args.section == SECTION else args.section
+    args.grid = args.grid or str(BENCH_DIR / "results" / f"{stem}_grid.png")
+    args.json = args.json or str(BENCH_DIR / "results" / f"{stem}.json")
+    standard = [c.key for c in all_configs(args.apg_threshold)]
+    known = standard + [c.key for c in extra_configs()]
+    args.config_keys = standard if args.configs == "all" else [k.strip() for k in args.configs.split(",") if k.strip()]
     unknown = [k for k in args.config_keys if k not in known]
     if unknown or not args.config_keys:
         ap.error(f"unknown configuration(s) {unknown}; choose from {known}")
@@ -746,7 +813,8 @@ def main(argv=None) -> int:
     comfy.utils.PROGRESS_BAR_ENABLED = False
     nodes.NODE_CLASS_MAPPINGS.update(BENCH_NODES)
     try:
-        configs = [c for c in all_configs(args.apg_threshold, args.ag_threshold) if c.key in args.config_keys]
+        configs = [c for c in all_configs(args.apg_threshold, args.ag_threshold) + extra_configs()
+                   if c.key in args.config_keys]
         prompts = make_prompts(args.images, args.per_prompt, args.seed)
         ref_sets = reference_images(prompts, args.per_prompt)
         ev = load_evaluator()
@@ -790,7 +858,8 @@ def main(argv=None) -> int:
                     comfy=_comfy_version(), rev=_git_revision(), attention=comfy_attention.optimized_attention.__name__,
                     date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     wall=time.perf_counter() - wall0)
-        out = write_section(args.out, SECTION, render(rows, args=args, info=info, prompts=prompts, configs=configs))
+        out = write_section(args.out, args.section,
+                            render(rows, args=args, info=info, prompts=prompts, configs=configs))
         raw = Path(args.json)
         raw.parent.mkdir(parents=True, exist_ok=True)
         raw.write_text(json.dumps({
@@ -810,7 +879,7 @@ def main(argv=None) -> int:
     print("\n".join(table(rows)))
     print()
     print("\n".join(quality_bar(rows)))
-    print(f"\nwrote section '{SECTION}' of {out}, grid {grid}, raw data {raw}; total {info['wall'] / 60:.1f} min")
+    print(f"\nwrote section '{args.section}' of {out}, grid {grid}, raw data {raw}; total {info['wall'] / 60:.1f} min")
     return 0
 
 

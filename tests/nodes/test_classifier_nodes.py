@@ -1,0 +1,55 @@
+"""GL_ClassifierLoader and GL_ClassifierGuidance: the shipped demo classifier, the nodes' objects and messages."""
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def nodes(host):
+    found = {c.define_schema().node_id: c for c in host.pack("nodes").NODES}
+    return found["GL_ClassifierLoader"], found["GL_ClassifierGuidance"]
+
+
+@pytest.fixture(scope="module")
+def demo_classifier(nodes):
+    loader, _ = nodes
+    with torch.inference_mode():
+        return loader.execute("demo_classifier.safetensors").result[0]
+
+
+def test_loader_offers_and_loads_the_shipped_demo_classifier(nodes, demo_classifier):
+    loader, _ = nodes
+    options = loader.define_schema().inputs[0].options
+    assert "demo_classifier.safetensors" in options
+    assert demo_classifier.num_classes == 36 and demo_classifier.labels[0] == "red circle"
+    assert demo_classifier.input_size == (32, 32) and demo_classifier.architecture == "gl_small_cnn"
+    msg = loader.validate_inputs(classifier="missing.safetensors")
+    assert "GL_ClassifierLoader" in msg and "models/classifiers" in msg
+
+
+def test_demo_classifier_reads_fresh_world_images(demo_classifier):
+    """Evaluated on scenes of a world seed used neither for its training (7000) nor its check (7001)."""
+    from demo import world
+    images, _captions, labels = world.batch(0, 256, seed=4242, size=32, kind="single", split="all")
+    with torch.no_grad():
+        pred = demo_classifier.module(demo_classifier.prepare(images, node="t")).argmax(1)
+    truth = torch.tensor([lab["color_idx"] * len(world.SHAPES) + lab["shape_idx"] for lab in labels])
+    assert (pred == truth).float().mean() >= 0.98
+
+
+def test_demo_classifier_is_not_the_evaluator(demo_classifier):
+    from bench.evaluator import Evaluator
+    assert not isinstance(demo_classifier.module, Evaluator)
+
+
+def test_guidance_node_patches_and_validates(host, nodes, demo_classifier):
+    _, guidance = nodes
+    tiny = host.pack("guiders.tiny_models")
+    m = tiny.build_model("sd15_eps")
+    out = guidance.execute(m, demo_classifier, "red circle, 5", 1.0, 1.0, 0.5, 3.0, 0.3, "sine", "auto", 0.0,
+                           1.0).result[0]
+    assert out is not m and len(out.model_options["sampler_post_cfg_function"]) == 1
+    assert "target is empty" in guidance.validate_inputs(target="  ", start_percent=0.0, end_percent=1.0)
+    assert "start_percent" in guidance.validate_inputs(target="x", start_percent=0.8, end_percent=0.2)
+    assert guidance.validate_inputs(target=None, start_percent=None, end_percent=None) is True
+    with pytest.raises(ValueError, match="GL_ClassifierGuidance: target 'teal hexagon' is not a class"):
+        guidance.execute(m, demo_classifier, "teal hexagon", 1.0, 1.0, 0.5, 3.0, 0.3, "sine", "auto", 0.0, 1.0)
