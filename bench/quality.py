@@ -87,7 +87,7 @@ class Config:
     short: str = ""      # ASCII label for the grid
     threshold: float | None = None   # Adaptive Guidance γ̄ (None: the run's --ag-threshold)
     particles: int = 0               # FKC: particles per image
-    classifier_scale: float = 0.0    # EluCD: GL_ClassifierGuidance scale
+    classifier_scale: float = 0.0    # EluCD: GL_ClassifierGuidance scale; GFCG: s_max
     images: list = field(default_factory=list)      # [B, 3, 32, 32] per prompt, in prompt order
     nfe: list = field(default_factory=list)         # UNet rows per image, per prompt
     seconds: list = field(default_factory=list)     # graph wall time per prompt
@@ -113,10 +113,12 @@ def extra_configs() -> list[Config]:
     """Configurations run only when --configs names them (the standard run must fit 30 minutes on 2 cores)."""
     return [Config(f"elucd{s:g}-{c:g}", f"EluCD classifier guidance s {s:g}, cfg {c:g} (demo guidance classifier)",
                    "elucd", c, f"EluCD {s:g} cfg{c:g}", classifier_scale=s)
-            for c, s in ((1.0, 1.0), (3.0, 1.0), (5.0, 0.5), (5.0, 1.0), (5.0, 2.0))]
+            for c, s in ((1.0, 1.0), (3.0, 1.0), (5.0, 0.5), (5.0, 1.0), (5.0, 2.0))] + [
+        Config(f"gfcg{s:g}-{c:g}", f"GFCG s_max {s:g}, cfg {c:g} (demo guidance classifier, 36 classes)", "gfcg", c,
+               f"GFCG {s:g} cfg{c:g}", classifier_scale=s) for c, s in ((5.0, 2.0), (5.0, 5.0))]
 
 
-CLASSIFIER_CONFIGS = "cfg-1,cfg-3,cfg-5,elucd1-1,elucd1-3,elucd0.5-5,elucd1-5,elucd2-5"
+CLASSIFIER_CONFIGS = "cfg-1,cfg-3,cfg-5,elucd1-1,elucd1-3,elucd0.5-5,elucd1-5,elucd2-5,gfcg2-5,gfcg5-5"
 
 
 def classifier_target(prompt) -> str:
@@ -304,6 +306,19 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
         g["6"] = {"class_type": "SamplerCustom", "inputs": {
             "model": model, "add_noise": True, "noise_seed": prompt.seed, "cfg": cfg.scale, "positive": ["3", 0],
             "negative": ["4", 0], "sampler": ["8", 0], "sigmas": ["9", 0], "latent_image": ["5", 0]}}
+    elif cfg.method == "gfcg":
+        g["12"] = {"class_type": "GL_ClassifierLoader", "inputs": {"classifier": "demo_classifier.safetensors"}}
+        g["7"] = {"class_type": "GL_GradientFreeGuidance", "inputs": {
+            "model": model, "positive": ["3", 0], "negative": ["4", 0], "clip": ["1", 1], "classifier": ["12", 0],
+            "target": classifier_target(prompt), "classes": "", "prompt_template": "a {label}", "cfg": cfg.scale,
+            "s_max": cfg.classifier_scale, "start_percent": 0.0, "end_percent": 1.0, "decoder": "auto"}}
+        g["8"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+        g["9"] = {"class_type": "BasicScheduler",
+                  "inputs": {"model": model, "scheduler": "normal", "steps": steps, "denoise": 1.0}}
+        g["13"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": prompt.seed}}
+        g["6"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["13", 0], "guider": ["7", 0], "sampler": ["8", 0], "sigmas": ["9", 0],
+            "latent_image": ["5", 0]}}
     elif cfg.method == "fkc":
         g["8"] = {"class_type": "GL_SamplerFKC", "inputs": {
             "particles": cfg.particles, "propagation": "ddpm", "resample": "every_step", "kappa": 0.5,
@@ -614,7 +629,7 @@ def classifier_checks(rows: list[dict]) -> list[str]:
     by_key = {r["key"]: r for r in rows}
     lines = []
     for r in rows:
-        if not r["key"].startswith("elucd"):
+        if not r["key"].startswith(("elucd", "gfcg")):
             continue
         base = by_key.get("cfg-" + r["key"].split("-", 1)[1])
         if base is None:
@@ -665,7 +680,11 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
                       "classifier — not the evaluator) → `GL_ClassifierGuidance` (T1 1, discount 0.5, softplus 3, "
                       "γ 0.3, sine schedule, identity decoder; target = the prompt's colour and shape, for a "
                       "two-object prompt its first object) before the KSampler"
-                      if any(c.method == "elucd" for c in configs) else "") + ". `EmptyLatentImage` 256×256 → "
+                      if any(c.method == "elucd" for c in configs) else "")
+        + ("; GFCG: `GL_GradientFreeGuidance` (the same classifier and target, all 36 classes as candidates, "
+           "prompt template \"a {label}\") + `KSamplerSelect` (euler) + `BasicScheduler` + `RandomNoise` (the "
+           "prompt's seed) → `SamplerCustomAdvanced`" if any(c.method == "gfcg" for c in configs) else "")
+        + ". `EmptyLatentImage` 256×256 → "
         f"32×32 pixel-space "
         f"latents, one batch of {args.per_prompt} images per prompt, seed = {args.seed} + prompt index (the same for "
         f"every configuration, so each column of the grid starts from the same noise).",

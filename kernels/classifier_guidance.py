@@ -114,3 +114,30 @@ def replace_relu_with_softplus(module: torch.nn.Module, beta: float) -> int:
         else:
             swapped += replace_relu_with_softplus(child, beta)
     return swapped
+
+
+# ---------------------------------------------------------------------------------------------------- GFCG
+# Gradient-free classifier guidance (Shenoy et al., arXiv 2411.15393). The paper's exact reference-class and scale
+# rules are not confirmed; this is the Guidance Lab design of ../shared methods.md §7:
+#     r = argmax_{j ≠ y, j ∈ candidates} p_j,   s = s_max·p_r/(p_y + p_r),   D̂ = D_cfg + s·(D_c − D(x; r))
+# with p the classifier's softmax on the previous evaluation's conditional prediction (lag 1).
+
+def gfcg_reference(probs: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference class [B], p_r/(p_y + p_r) [B]) from class probabilities [B, K] and targets [B]; the reference
+    is the most probable candidate other than the target (candidates: a [K] bool mask, default all classes)."""
+    probs = probs.float()
+    b = torch.arange(probs.shape[0], device=probs.device)
+    allowed = torch.ones_like(probs, dtype=torch.bool) if candidates is None else \
+        candidates.to(probs.device).bool().expand_as(probs).clone()
+    allowed[b, targets] = False
+    if not allowed.any(dim=1).all():
+        raise ValueError("no candidate class other than the target")
+    ref = probs.masked_fill(~allowed, -1.0).argmax(dim=1)
+    p_r, p_y = probs[b, ref], probs[b, targets]
+    return ref, p_r / (p_y + p_r).clamp_min(1e-12)
+
+
+def gfcg_term(d_cond: torch.Tensor, d_ref: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """s·(D_c − D_r) with a per-sample scale [B] broadcast over every non-batch dim."""
+    return scale.to(d_cond).view(-1, *([1] * (d_cond.ndim - 1))) * (d_cond - d_ref)

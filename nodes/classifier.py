@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..guiders import classifier as cl
+from ..guiders import gfcg
 from ..guiders.classifier_guidance import DECODERS, SCHEDULES, check_settings, patch_classifier_guidance
 from ._registry import register
 from ._validate import percent_range_error
@@ -126,3 +127,81 @@ class ClassifierGuidance(io.ComfyNode):
                       start_percent=start_percent, end_percent=end_percent)
         check_settings(**kwargs)
         return io.NodeOutput(patch_classifier_guidance(model, classifier, target, **kwargs))
+
+
+@register
+class GradientFreeGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GL_GradientFreeGuidance",
+            display_name="Gradient-Free Classifier Guidance (GFCG)",
+            category="Guidance Lab/classifier",
+            description=(
+                "CFG plus gradient-free classifier guidance, inspired by GFCG (Shenoy et al., arXiv:2411.15393): "
+                "after each model call the classifier (inference only, no gradients) reads the conditional "
+                "prediction and picks, per image, the class it is most confused with (the reference r among "
+                "'classes', other than the target) and a scale s = s_max·p_r/(p_r + p_target); the next call "
+                "also evaluates the prompt of class r and adds s·(D_cond − D_r), pushing away from that class. "
+                "The paper's exact rules are not confirmed: this reference/scale rule with a one-step lag is "
+                "the Guidance Lab design. Cost: one extra model row per image per step (from the second step) and "
+                "a classifier forward. Use with SamplerCustomAdvanced."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model (EPS, V-prediction or flow)."),
+                io.Conditioning.Input("positive", tooltip="The prompt (it should describe the target class)."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt of CFG."),
+                io.Clip.Input("clip", tooltip="Encodes one prompt per candidate class (prompt_template)."),
+                ClassifierType.Input("classifier", tooltip="From GL_ClassifierLoader."),
+                io.String.Input("target", default="red circle", tooltip=(
+                    "The class each image should be: a label name or index; several, comma-separated, give one "
+                    "target per image of the batch (cycled).")),
+                io.String.Input("classes", default="", tooltip=(
+                    "Candidate reference classes, comma-separated labels (the confusable ones). Empty: every label "
+                    "of the classifier (at most 100).")),
+                io.String.Input("prompt_template", default="a {label}", tooltip=(
+                    "Prompt of a class; {label} is replaced by its label, e.g. 'a photo of a {label}'.")),
+                io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=(
+                    "The CFG scale of the positive against the negative prompt.")),
+                io.Float.Input("s_max", default=2.0, min=0.0, max=20.0, step=0.05, tooltip=(
+                    "Largest GFCG scale (reached when the classifier finds the reference as likely as the "
+                    "target; near 0 when it is sure of the target). 0 = plain CFG.")),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip=(
+                    "Start of the window where the GFCG term is added (fraction of the noise schedule).")),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, tooltip=(
+                    "End of the GFCG window; must be larger than start_percent.")),
+                io.Combo.Input("decoder", options=list(DECODERS), default="auto", tooltip=(
+                    "How the classifier sees the prediction: identity (pixel-space models), linear (latent→RGB "
+                    "preview factors), auto picks.")),
+            ],
+            outputs=[io.Guider.Output(display_name="guider", tooltip="For SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, target=None, prompt_template=None, start_percent=None, end_percent=None):
+        error = percent_range_error("GL_GradientFreeGuidance", start_percent=start_percent, end_percent=end_percent)
+        if error:
+            return error
+        if target is not None and not str(target).strip():
+            return "GL_GradientFreeGuidance: target is empty; name a class of the classifier, e.g. 'red circle'"
+        if prompt_template is not None and "{label}" not in prompt_template:
+            return (f"GL_GradientFreeGuidance: prompt_template {prompt_template!r} has no {{label}}; write e.g. "
+                    "'a photo of a {label}'")
+        if start_percent is not None and end_percent is not None and not start_percent < end_percent:
+            return (f"GL_GradientFreeGuidance: start_percent ({start_percent}) must be smaller than end_percent "
+                    f"({end_percent})")
+        return True
+
+    @classmethod
+    def execute(cls, model, positive, negative, clip, classifier, target, classes, prompt_template, cfg, s_max,
+                start_percent, end_percent, decoder) -> io.NodeOutput:
+        gfcg.check_settings(s_max=s_max, start_percent=start_percent, end_percent=end_percent)
+        if "{label}" not in prompt_template:
+            raise ValueError(f"GL_GradientFreeGuidance: prompt_template {prompt_template!r} has no {{label}}")
+        indices = gfcg.candidate_indices(classifier, classes)
+        class_conds = {i: clip.encode_from_tokens_scheduled(clip.tokenize(
+            prompt_template.replace("{label}", classifier.labels[i]))) for i in indices}
+        guider = gfcg.GFCGGuider(model, classifier, target, class_conds, s_max=s_max, start_percent=start_percent,
+                                 end_percent=end_percent, decoder=decoder)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider)

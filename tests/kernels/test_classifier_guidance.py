@@ -133,3 +133,21 @@ def test_unknown_layouts_are_refused():
         resnet_spec(state)
     with pytest.raises(ValueError, match="unknown classifier architecture"):
         build_classifier("vit", {})
+
+
+def test_gfcg_reference_is_the_most_confused_competitor():
+    from kernels.classifier_guidance import gfcg_reference, gfcg_term
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.1, 0.7], [0.5, 0.45, 0.05]])
+    ref, frac = gfcg_reference(probs, torch.tensor([0, 2, 1]))
+    assert ref.tolist() == [1, 0, 0]
+    assert torch.allclose(frac, torch.tensor([0.3 / 0.9, 0.2 / 0.9, 0.5 / 0.95]))
+    # candidates restrict the reference; a sure classifier gives a scale near 0
+    ref, _ = gfcg_reference(probs, torch.tensor([0, 2, 1]), torch.tensor([False, True, True]))
+    assert ref.tolist() == [1, 1, 2]
+    _, frac = gfcg_reference(torch.tensor([[0.999, 0.001, 0.0]]), torch.tensor([0]))
+    assert frac.item() < 0.002
+    with pytest.raises(ValueError, match="no candidate"):
+        gfcg_reference(probs[:1], torch.tensor([0]), torch.tensor([True, False, False]))
+    d_c, d_r = torch.ones(2, 3, 2, 2, 2), torch.zeros(2, 3, 2, 2, 2)       # 5-D (video) latents broadcast too
+    term = gfcg_term(d_c, d_r, torch.tensor([0.5, 2.0]))
+    assert term[0].eq(0.5).all() and term[1].eq(2.0).all()

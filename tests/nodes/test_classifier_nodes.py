@@ -6,18 +6,18 @@ import torch
 @pytest.fixture(scope="module")
 def nodes(host):
     found = {c.define_schema().node_id: c for c in host.pack("nodes").NODES}
-    return found["GL_ClassifierLoader"], found["GL_ClassifierGuidance"]
+    return found["GL_ClassifierLoader"], found["GL_ClassifierGuidance"], found["GL_GradientFreeGuidance"]
 
 
 @pytest.fixture(scope="module")
 def demo_classifier(nodes):
-    loader, _ = nodes
+    loader = nodes[0]
     with torch.inference_mode():
         return loader.execute("demo_classifier.safetensors").result[0]
 
 
 def test_loader_offers_and_loads_the_shipped_demo_classifier(nodes, demo_classifier):
-    loader, _ = nodes
+    loader = nodes[0]
     options = loader.define_schema().inputs[0].options
     assert "demo_classifier.safetensors" in options
     assert demo_classifier.num_classes == 36 and demo_classifier.labels[0] == "red circle"
@@ -42,7 +42,7 @@ def test_demo_classifier_is_not_the_evaluator(demo_classifier):
 
 
 def test_guidance_node_patches_and_validates(host, nodes, demo_classifier):
-    _, guidance = nodes
+    guidance = nodes[1]
     tiny = host.pack("guiders.tiny_models")
     m = tiny.build_model("sd15_eps")
     out = guidance.execute(m, demo_classifier, "red circle, 5", 1.0, 1.0, 0.5, 3.0, 0.3, "sine", "auto", 0.0,
@@ -53,3 +53,22 @@ def test_guidance_node_patches_and_validates(host, nodes, demo_classifier):
     assert guidance.validate_inputs(target=None, start_percent=None, end_percent=None) is True
     with pytest.raises(ValueError, match="GL_ClassifierGuidance: target 'teal hexagon' is not a class"):
         guidance.execute(m, demo_classifier, "teal hexagon", 1.0, 1.0, 0.5, 3.0, 0.3, "sine", "auto", 0.0, 1.0)
+
+
+def test_gfcg_node_encodes_one_prompt_per_candidate_class(host, nodes, demo_classifier):
+    gfcg_node = nodes[2]
+    dm = host.pack("guiders.demo_model")
+    with torch.inference_mode():
+        model, clip, _vae = dm.load_demo_model(dm.find_checkpoint("demo_model"))
+        pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red circle"))
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        g = gfcg_node.execute(model, pos, neg, clip, demo_classifier, "red circle", "blue circle, red square",
+                              "a {label}", 5.0, 2.0, 0.0, 1.0, "auto").result[0]
+        expected = clip.encode_from_tokens_scheduled(clip.tokenize("a red square"))
+    assert sorted(g.class_conds) == [1, 12] and g.cfg == 5.0
+    assert torch.equal(g.class_conds[1][0][0], expected[0][0])
+    assert "{label}" in gfcg_node.validate_inputs(target="x", prompt_template="a photo", start_percent=0.0,
+                                                  end_percent=1.0)
+    with pytest.raises(ValueError, match="'blue blob' is not a class"):
+        gfcg_node.execute(model, pos, neg, clip, demo_classifier, "red circle", "blue blob", "a {label}", 5.0, 2.0,
+                          0.0, 1.0, "auto")
