@@ -115,10 +115,15 @@ def extra_configs() -> list[Config]:
                    "elucd", c, f"EluCD {s:g} cfg{c:g}", classifier_scale=s)
             for c, s in ((1.0, 1.0), (3.0, 1.0), (5.0, 0.5), (5.0, 1.0), (5.0, 2.0))] + [
         Config(f"gfcg{s:g}-{c:g}", f"GFCG s_max {s:g}, cfg {c:g} (demo guidance classifier, 36 classes)", "gfcg", c,
-               f"GFCG {s:g} cfg{c:g}", classifier_scale=s) for c, s in ((5.0, 2.0), (5.0, 5.0))]
+               f"GFCG {s:g} cfg{c:g}", classifier_scale=s) for c, s in ((5.0, 2.0), (5.0, 5.0))] + [
+        Config("dyncfg-5", "Dynamic CFG, cfg 5 × (0.5, 1, 2, 3), classifier + clipping", "dyncfg", 5.0,
+               "DynCFG cfg5", classifier_scale=1.0),
+        Config("dyncfg_clip-5", "Dynamic CFG, cfg 5 × (0.5, 1, 2, 3), clipping only", "dyncfg", 5.0,
+               "DynCFG clip cfg5", classifier_scale=0.0)]
 
 
-CLASSIFIER_CONFIGS = "cfg-1,cfg-3,cfg-5,elucd1-1,elucd1-3,elucd0.5-5,elucd1-5,elucd2-5,gfcg2-5,gfcg5-5"
+CLASSIFIER_CONFIGS = ("cfg-1,cfg-3,cfg-5,cfg-10,cfg-15,elucd1-1,elucd1-3,elucd0.5-5,elucd1-5,elucd2-5,gfcg2-5,gfcg5-5,"
+                      "dyncfg-5,dyncfg_clip-5")
 
 
 def classifier_target(prompt) -> str:
@@ -294,7 +299,15 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
             "scale": cfg.classifier_scale, "joint_temperature": 1.0, "marginal_discount": 0.5, "softplus_beta": 3.0,
             "gamma": 0.3, "schedule": "sine", "decoder": "auto", "start_percent": 0.0, "end_percent": 1.0}}
         model = ["7", 0]
-    if cfg.method in ("cfg", "apg", "ag", "linear_ag", "elucd"):
+    if cfg.method == "dyncfg":
+        inputs = {"model": model, "multipliers": "0.5, 1, 2, 3", "max_change": 5.0, "alignment_weight": 1.0,
+                  "fidelity_weight": 1.0, "start_percent": 0.0, "end_percent": 0.7, "decoder": "auto"}
+        if cfg.classifier_scale:
+            g["12"] = {"class_type": "GL_ClassifierLoader", "inputs": {"classifier": "demo_classifier.safetensors"}}
+            inputs.update(classifier=["12", 0], target=classifier_target(prompt))
+        g["7"] = {"class_type": "GL_DynamicCFG", "inputs": inputs}
+        model = ["7", 0]
+    if cfg.method in ("cfg", "apg", "ag", "linear_ag", "elucd", "dyncfg"):
         g["6"] = {"class_type": "KSampler", "inputs": {
             "model": model, "seed": prompt.seed, "steps": steps, "cfg": cfg.scale, "sampler_name": "euler",
             "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
@@ -629,7 +642,7 @@ def classifier_checks(rows: list[dict]) -> list[str]:
     by_key = {r["key"]: r for r in rows}
     lines = []
     for r in rows:
-        if not r["key"].startswith(("elucd", "gfcg")):
+        if not r["key"].startswith(("elucd", "gfcg", "dyncfg")):
             continue
         base = by_key.get("cfg-" + r["key"].split("-", 1)[1])
         if base is None:
@@ -640,6 +653,14 @@ def classifier_checks(rows: list[dict]) -> list[str]:
                      f"{_pct(r['relation'])} vs {_pct(base['relation'])}, Fréchet distance {_num(r['fd'], 2)} vs "
                      f"{_num(base['fd'], 2)} (×{r['fd'] / base['fd']:.3f}), s/image {_num(r['s_per_image'], 3)} vs "
                      f"{_num(base['s_per_image'], 3)} (×{r['s_per_image'] / base['s_per_image']:.2f}).")
+    fixed = [r for r in rows if r["key"].startswith("cfg-")]
+    if fixed:
+        best = max(fixed, key=lambda r: r["attribute"])
+        for r in rows:
+            if r["key"].startswith("dyncfg"):
+                lines.append(f"- {r['label']} vs the best fixed scale by accuracy ({best['label']}): attribute "
+                             f"accuracy {_pct(r['attribute'])} vs {_pct(best['attribute'])}, Fréchet distance "
+                             f"{_num(r['fd'], 2)} vs {_num(best['fd'], 2)} (×{r['fd'] / best['fd']:.3f}).")
     return lines
 
 
@@ -684,6 +705,9 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
         + ("; GFCG: `GL_GradientFreeGuidance` (the same classifier and target, all 36 classes as candidates, "
            "prompt template \"a {label}\") + `KSamplerSelect` (euler) + `BasicScheduler` + `RandomNoise` (the "
            "prompt's seed) → `SamplerCustomAdvanced`" if any(c.method == "gfcg" for c in configs) else "")
+        + ("; Dynamic CFG: `GL_DynamicCFG` (multipliers 0.5, 1, 2, 3 of cfg, max_change 5, window 0–0.7, "
+           "alignment and fidelity weights 1; with the guidance classifier and target, or the clipping penalty "
+           "alone) before the KSampler" if any(c.method == "dyncfg" for c in configs) else "")
         + ". `EmptyLatentImage` 256×256 → "
         f"32×32 pixel-space "
         f"latents, one batch of {args.per_prompt} images per prompt, seed = {args.seed} + prompt index (the same for "

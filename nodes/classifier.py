@@ -4,13 +4,25 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..guiders import classifier as cl
-from ..guiders import gfcg
+from ..guiders import dynamic_cfg, gfcg
 from ..guiders.classifier_guidance import DECODERS, SCHEDULES, check_settings, patch_classifier_guidance
 from ._registry import register
 from ._validate import percent_range_error
 
 ClassifierType = io.Custom("GL_CLASSIFIER")
 DEFAULT_FILE = "demo_classifier.safetensors"
+
+
+def _target_window_error(node: str, target, start_percent, end_percent) -> str | None:
+    """The message for an empty target or a bad σ-window; None when fine or not known yet (linked inputs)."""
+    error = percent_range_error(node, start_percent=start_percent, end_percent=end_percent)
+    if error:
+        return error
+    if target is not None and not str(target).strip():
+        return f"{node}: target is empty; name a class of the classifier, e.g. 'red circle'"
+    if start_percent is not None and end_percent is not None and not start_percent < end_percent:
+        return f"{node}: start_percent ({start_percent}) must be smaller than end_percent ({end_percent})"
+    return None
 
 
 @register
@@ -109,15 +121,7 @@ class ClassifierGuidance(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, target=None, start_percent=None, end_percent=None):
-        error = percent_range_error("GL_ClassifierGuidance", start_percent=start_percent, end_percent=end_percent)
-        if error:
-            return error
-        if target is not None and not str(target).strip():
-            return "GL_ClassifierGuidance: target is empty; name a class of the classifier, e.g. 'red circle'"
-        if start_percent is not None and end_percent is not None and not start_percent < end_percent:
-            return (f"GL_ClassifierGuidance: start_percent ({start_percent}) must be smaller than end_percent "
-                    f"({end_percent})")
-        return True
+        return _target_window_error("GL_ClassifierGuidance", target, start_percent, end_percent) or True
 
     @classmethod
     def execute(cls, model, classifier, target, scale, joint_temperature, marginal_discount, softplus_beta, gamma,
@@ -178,18 +182,10 @@ class GradientFreeGuidance(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, target=None, prompt_template=None, start_percent=None, end_percent=None):
-        error = percent_range_error("GL_GradientFreeGuidance", start_percent=start_percent, end_percent=end_percent)
-        if error:
-            return error
-        if target is not None and not str(target).strip():
-            return "GL_GradientFreeGuidance: target is empty; name a class of the classifier, e.g. 'red circle'"
         if prompt_template is not None and "{label}" not in prompt_template:
             return (f"GL_GradientFreeGuidance: prompt_template {prompt_template!r} has no {{label}}; write e.g. "
                     "'a photo of a {label}'")
-        if start_percent is not None and end_percent is not None and not start_percent < end_percent:
-            return (f"GL_GradientFreeGuidance: start_percent ({start_percent}) must be smaller than end_percent "
-                    f"({end_percent})")
-        return True
+        return _target_window_error("GL_GradientFreeGuidance", target, start_percent, end_percent) or True
 
     @classmethod
     def execute(cls, model, positive, negative, clip, classifier, target, classes, prompt_template, cfg, s_max,
@@ -205,3 +201,69 @@ class GradientFreeGuidance(io.ComfyNode):
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)
+
+
+@register
+class DynamicCFG(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GL_DynamicCFG",
+            display_name="Dynamic CFG (online feedback)",
+            category="Guidance Lab/classifier",
+            description=(
+                "Chooses the CFG scale per step and per image, inspired by dynamic CFG via online feedback "
+                "(Papalampidi et al., arXiv:2509.16131): each candidate scale cfg·m of the grid gives a guided "
+                "prediction without any model call; evaluators score it — the classifier's log-probability of "
+                "the target (optional) and a penalty for pixels outside the valid range — with weights that move "
+                "from alignment early to fidelity late, and the best candidate within max_change of the last "
+                "choice wins. Outside the window the last choice is kept. 0 extra model calls (the uncond is "
+                "evaluated even at cfg 1). The paper's evaluators, grid and weights are not published: this is "
+                "the Guidance Lab design. The chosen scales are logged after each run."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to patch (EPS, V-prediction or flow)."),
+                io.String.Input("multipliers", default="0.5, 0.75, 1, 1.25, 1.5", tooltip=(
+                    "Candidate scales as multiples of the sampler's cfg, comma-separated.")),
+                io.Float.Input("max_change", default=1.0, min=0.0, max=50.0, step=0.1, tooltip=(
+                    "Largest change of an image's scale from one evaluated step to the next (0 = no limit).")),
+                io.Float.Input("alignment_weight", default=1.0, min=0.0, max=10.0, step=0.05, tooltip=(
+                    "Weight of the classifier's target score (needs a classifier).")),
+                io.Float.Input("fidelity_weight", default=1.0, min=0.0, max=10.0, step=0.05, tooltip=(
+                    "Weight of the clipping penalty (pixels of the decoded prediction outside [0, 1]).")),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip=(
+                    "Start of the window where the scale is chosen (fraction of the noise schedule).")),
+                io.Float.Input("end_percent", default=0.7, min=0.0, max=1.0, step=0.001, tooltip=(
+                    "End of the window; later steps keep the last choice.")),
+                io.Combo.Input("decoder", options=list(DECODERS), default="auto", tooltip=(
+                    "How the evaluators see a prediction: identity (pixel-space models), linear (latent→RGB "
+                    "preview factors), auto picks.")),
+                ClassifierType.Input("classifier", optional=True, tooltip=(
+                    "Optional: a classifier from GL_ClassifierLoader scores prompt alignment.")),
+                io.String.Input("target", default="", optional=True, tooltip=(
+                    "The classifier's class per image (comma-separated, cycled); needed with a classifier.")),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with a per-step, per-image CFG scale.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, multipliers=None, start_percent=None, end_percent=None):
+        error = _target_window_error("GL_DynamicCFG", None, start_percent, end_percent)
+        if error:
+            return error
+        if multipliers is not None:
+            try:
+                dynamic_cfg.parse_multipliers(multipliers)
+            except ValueError as e:
+                return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, model, multipliers, max_change, alignment_weight, fidelity_weight, start_percent, end_percent,
+                decoder, classifier=None, target="") -> io.NodeOutput:
+        if classifier is not None and not str(target).strip():
+            raise ValueError("GL_DynamicCFG: a classifier is connected but target is empty; name its class, e.g. "
+                             "'red circle'")
+        return io.NodeOutput(dynamic_cfg.patch_dynamic_cfg(
+            model, classifier=classifier, target=target, multipliers=multipliers, max_change=max_change,
+            alignment_weight=alignment_weight, fidelity_weight=fidelity_weight, start_percent=start_percent,
+            end_percent=end_percent, decoder=decoder))

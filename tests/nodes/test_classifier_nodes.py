@@ -6,7 +6,8 @@ import torch
 @pytest.fixture(scope="module")
 def nodes(host):
     found = {c.define_schema().node_id: c for c in host.pack("nodes").NODES}
-    return found["GL_ClassifierLoader"], found["GL_ClassifierGuidance"], found["GL_GradientFreeGuidance"]
+    return (found["GL_ClassifierLoader"], found["GL_ClassifierGuidance"], found["GL_GradientFreeGuidance"],
+            found["GL_DynamicCFG"])
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +73,16 @@ def test_gfcg_node_encodes_one_prompt_per_candidate_class(host, nodes, demo_clas
     with pytest.raises(ValueError, match="'blue blob' is not a class"):
         gfcg_node.execute(model, pos, neg, clip, demo_classifier, "red circle", "blue blob", "a {label}", 5.0, 2.0,
                           0.0, 1.0, "auto")
+
+
+def test_dynamic_cfg_node_patches_and_validates(host, nodes, demo_classifier):
+    node = nodes[3]
+    m = host.pack("guiders.tiny_models").build_model("sd15_eps")
+    out = node.execute(m, "0.5, 1, 1.5", 1.0, 1.0, 1.0, 0.0, 0.7, "auto").result[0]
+    assert out.model_options["disable_cfg1_optimization"] is True and "disable_cfg1_optimization" not in m.model_options
+    out = node.execute(m, "0.5, 1, 1.5", 1.0, 1.0, 1.0, 0.0, 0.7, "auto", demo_classifier, "red circle").result[0]
+    assert len(out.model_options["sampler_pre_cfg_function"]) == 1
+    assert "multipliers" in node.validate_inputs(multipliers="2", start_percent=0.0, end_percent=0.7)
+    assert "start_percent" in node.validate_inputs(multipliers="1,2", start_percent=0.8, end_percent=0.7)
+    with pytest.raises(ValueError, match="target is empty"):
+        node.execute(m, "0.5, 1, 1.5", 1.0, 1.0, 1.0, 0.0, 0.7, "auto", demo_classifier, "")
