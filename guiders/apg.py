@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..kernels.apg import APGMomentum, apg_as_cond, effective_threshold
 from ..kernels._tensor import elements_per_sample
+from .family import in_window
 from .nfe import install_nfe_counter
 from .run_state import install_run_state, run_state, step_index
 
@@ -43,7 +44,7 @@ def patch_apg(model, *, eta: float = 0.0, norm_threshold: float = 15.0, momentum
             return out
         ms = args["model"].model_sampling
         sigma = float(args["sigma"].max())
-        if not float(ms.percent_to_sigma(end_percent)) <= sigma <= float(ms.percent_to_sigma(start_percent)):
+        if not in_window(ms, sigma, start_percent, end_percent):
             return out
         if scale == 0:
             raise ValueError(f"{NODE}: cfg = 0 cannot carry APG guidance; use cfg > 0 (APG targets high cfg)")

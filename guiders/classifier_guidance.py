@@ -18,8 +18,9 @@ import torch
 
 from ..kernels.classifier_guidance import SCHEDULES, objective_gradient, schedule_factor, score_coefficient
 from .classifier import ClassifierError
-from .family import coords_for
+from .family import coords_for, in_window
 from .nfe import install_nfe_counter
+from .run_state import step_index
 
 NODE = "GL_ClassifierGuidance"
 DECODERS = ("auto", "identity", "linear")
@@ -105,18 +106,17 @@ def patch_classifier_guidance(model, classifier, target: str, *, scale: float = 
         ms = args["model"].model_sampling
         sigma = args["sigma"]
         top = float(sigma.max())
-        if not float(ms.percent_to_sigma(end_percent)) <= top <= float(ms.percent_to_sigma(start_percent)):
+        if not in_window(ms, top, start_percent, end_percent):
             return denoised
         targets = classifier.target_indices(target, denoised.shape[0], node=NODE)
         net.to(denoised.device)
         grad, _j = objective_gradient(classify, denoised, targets.to(denoised.device), t1, t2)
         kappa = 1.0
-        topts = (args.get("model_options") or {}).get("transformer_options", {})
-        sigmas = topts.get("sample_sigmas")
-        if sigmas is not None and len(sigmas) > 1:
-            values = [float(s) for s in sigmas]
-            hits = [i for i, s in enumerate(values) if s >= top * (1 - 1e-5)]
-            kappa = schedule_factor(hits[-1] if hits else 0, values, coords, gamma, schedule)
+        model_options = args.get("model_options")
+        sigmas = (model_options or {}).get("transformer_options", {}).get("sample_sigmas")
+        step = step_index(model_options, sigma)
+        if step is not None and len(sigmas) > 1:
+            kappa = schedule_factor(step, [float(s) for s in sigmas], coords, gamma, schedule)
         coef = score_coefficient(sigma.to(denoised.device), coords).view(-1, 1, 1, 1)
         if coef.shape[0] != denoised.shape[0]:
             coef = coef[:1].expand(denoised.shape[0], 1, 1, 1)

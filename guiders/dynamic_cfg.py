@@ -19,6 +19,7 @@ import comfy.patcher_extension
 
 from ..kernels.dynamic_cfg import as_cond, candidate_scales, choose, clipping_penalty, progress_weights, zscore
 from .classifier_guidance import decode, pick_decoder
+from .family import in_window
 from .nfe import install_nfe_counter
 from .run_state import install_run_state, run_state, step_index
 
@@ -112,8 +113,7 @@ def patch_dynamic_cfg(model, *, classifier=None, target: str = "", multipliers="
         ms = args["model"].model_sampling
         sigma = float(args["sigma"].max())
         d_c, d_u = out[0], out[1]
-        inside = float(ms.percent_to_sigma(end_percent)) <= sigma <= float(ms.percent_to_sigma(start_percent))
-        if not inside:
+        if not in_window(ms, sigma, start_percent, end_percent):
             prev = state["previous"]
             if prev is None or len(prev) != d_c.shape[0]:
                 return out

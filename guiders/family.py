@@ -30,3 +30,9 @@ def family_name(model_sampling) -> str:
     if isinstance(model_sampling, ms.EPS):
         return "eps"
     return type(model_sampling).__name__
+
+
+def in_window(model_sampling, sigma: float, start_percent: float, end_percent: float) -> bool:
+    """Whether σ lies in the schedule window [start_percent, end_percent] (0 = noisiest), inclusive."""
+    return (float(model_sampling.percent_to_sigma(end_percent)) <= float(sigma)
+            <= float(model_sampling.percent_to_sigma(start_percent)))

@@ -23,6 +23,7 @@ import comfy.samplers
 from ..kernels.classifier_guidance import gfcg_reference, gfcg_term
 from .classifier import ClassifierError
 from .classifier_guidance import decode, pick_decoder
+from .family import in_window
 from .nfe import install_nfe_counter
 
 NODE = "GL_GradientFreeGuidance"
@@ -95,10 +96,6 @@ class GFCGGuider(comfy.samplers.CFGGuider):
         self.state, self.trace = {}, []           # per sampling run
         return super().outer_sample(*args, **kwargs)
 
-    def _in_window(self, sigma: float) -> bool:
-        ms = self.inner_model.model_sampling
-        return float(ms.percent_to_sigma(self.end_percent)) <= sigma <= float(ms.percent_to_sigma(self.start_percent))
-
     def reference_prediction(self, x, timestep, ref: torch.Tensor, model_options) -> torch.Tensor:
         """D(x_b; r_b) for every image b: one model row per image — each distinct reference class is evaluated on
         the images that need it (their rows of x, σ and of any per-image tensor of the processed cond)."""
@@ -120,10 +117,13 @@ class GFCGGuider(comfy.samplers.CFGGuider):
         targets = self.classifier.target_indices(self.target, batch, node=NODE)
         ref, frac = self.state.get("ref"), self.state.get("frac")
         d_ref = scale = None
-        if (self.s_max > 0 and ref is not None and len(ref) == batch and self._in_window(float(timestep.max()))):
+        sigma = float(timestep.max())
+        ms = self.inner_model.model_sampling
+        if (self.s_max > 0 and ref is not None and len(ref) == batch
+                and in_window(ms, sigma, self.start_percent, self.end_percent)):
             d_ref = self.reference_prediction(x, timestep, ref, model_options)
             scale = self.s_max * frac
-            self.trace.append((float(timestep.max()), ref.tolist(), [round(float(s), 4) for s in scale]))
+            self.trace.append((sigma, ref.tolist(), [round(float(s), 4) for s in scale]))
         seen = {}
 
         def gfcg_post_cfg(args):
