@@ -163,11 +163,30 @@ class Config:
         self.finite = True
 
 
+def resnet_classifier(host, depth: int, seed: int):
+    """A torchvision ResNet with seeded random weights, saved without metadata and loaded by the pack's loader (so
+    it is read as an ImageNet classifier: 224×224, ImageNet mean/std, 1000 classes)."""
+    import tempfile
+
+    import safetensors.torch
+    import torchvision.models as tvm
+    torch.manual_seed(seed)
+    net = {18: tvm.resnet18, 50: tvm.resnet50}[depth](weights=None)
+    path = Path(tempfile.mkdtemp(prefix="gl-overhead-")) / f"resnet{depth}.safetensors"
+    safetensors.torch.save_file({k: v.float().contiguous() for k, v in net.state_dict().items()
+                                 if v.is_floating_point()}, str(path))
+    return host.pack("guiders.classifier").load_classifier(path)
+
+
 def make_configs(host, base):
     import comfy.samplers
     patch_apg = host.pack("guiders.apg").patch_apg
     make_cfgpp_sampler = host.pack("guiders.cfgpp").make_cfgpp_sampler
-    return [
+    patch_elucd = host.pack("guiders.classifier_guidance").patch_classifier_guidance
+    elucd = [Config(f"elucd_r{d}", f"EluCD (linear decoder, random ResNet-{d} at 224², core `euler`, cfg {CFG:g})",
+                    patch_elucd(base, resnet_classifier(host, d, 0), "class 0", decoder="linear"),
+                    comfy.samplers.sampler_object("euler"), CFG) for d in (18, 50)]
+    return elucd + [
         Config("cfg", f"plain CFG (core `euler`, cfg {CFG:g})", base, comfy.samplers.sampler_object("euler"), CFG),
         Config("apg", f"APG (`patch_apg` defaults, core `euler`, cfg {CFG:g})", patch_apg(base),
                comfy.samplers.sampler_object("euler"), CFG),
@@ -267,6 +286,10 @@ def render(rows, *, args, info) -> str:
     non_finite = [r["label"] for r in rows if not r["finite"]]
     cfg_rounds = ", ".join(f"{m:.3f}" for m in info["cfg_rounds"])
     spreads = ", ".join(f"{r['key']} {r['round_spread']:.1f} %" for r in rows)
+    elucd = [f"{r['label'].split(' (')[0]} with ResNet-{r['key'][7:]}: {r['ratio']:.3f}× (paired {r['paired']:.3f}×, "
+             f"{r['extra'] * 1e3:+.0f} ms/step outside the UNet → {r['est_ratio']:.3f}×): "
+             + ("≤ 1.3×" if r["est_ratio"] <= 1.3 else "**above 1.3×**")
+             for r in rows if r["key"].startswith("elucd")]
     lines = [
         f"## {TITLE}",
         "",
@@ -315,6 +338,8 @@ def render(rows, *, args, info) -> str:
         f"plain CFG's {base['outside'] * 1e3:.1f} ms/step and expressed against its median step: "
         f"{'; '.join(outside)}.",
         "",
+        *([f"Target EluCD ≤ 1.3× plain CFG per step (classifier forward + backward on the linear-decoded "
+           f"prediction, resized to 224²): {'; '.join(elucd)}.", ""] if elucd else []),
         f"Noise: plain CFG's step times spread over {noise:.1f} % of its median; its mean s/step per round "
         f"({cfg_rounds}) over {base['round_spread']:.1f} %; round-to-round spread of the mean s/step for every "
         f"configuration: {spreads}. During the {info['timed_wall'] / 60:.1f} min of timed rounds "
