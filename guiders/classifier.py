@@ -80,6 +80,12 @@ class Classifier:
         std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
         return (images - mean) / std
 
+    def logits(self, images: torch.Tensor, *, node: str, module: torch.nn.Module | None = None) -> torch.Tensor:
+        """float32 logits of RGB images in [0, 1] (`module`: e.g. the `smoothed` copy; default the classifier's own),
+        on the images' device; differentiable when the caller records gradients."""
+        net = (module if module is not None else self.module).to(images.device)
+        return net(self.prepare(images, node=node)).float()
+
     def target_indices(self, spec: str, batch: int, *, node: str) -> torch.Tensor:
         """Class indices [batch] from a comma-separated list of label names or indices (cycled over the batch)."""
         items = [s.strip() for s in str(spec).split(",") if s.strip()]

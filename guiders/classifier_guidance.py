@@ -94,7 +94,7 @@ def patch_classifier_guidance(model, classifier, target: str, *, scale: float = 
     install_nfe_counter(m)
 
     def classify(z):
-        return net(classifier.prepare(decode(z, latent_format, chosen), node=NODE))
+        return classifier.logits(decode(z, latent_format, chosen), node=NODE, module=net)
 
     def post_cfg(args):
         denoised = args["denoised"]
@@ -109,7 +109,6 @@ def patch_classifier_guidance(model, classifier, target: str, *, scale: float = 
         if not in_window(ms, top, start_percent, end_percent):
             return denoised
         targets = classifier.target_indices(target, denoised.shape[0], node=NODE)
-        net.to(denoised.device)
         grad, _j = objective_gradient(classify, denoised, targets.to(denoised.device), t1, t2)
         kappa = 1.0
         model_options = args.get("model_options")

@@ -93,8 +93,7 @@ def patch_dynamic_cfg(model, *, classifier=None, target: str = "", multipliers="
         fid = -clipping_penalty(image)
         align = []
         if classifier is not None:
-            net = classifier.module.to(candidate.device)
-            logp = torch.log_softmax(net(classifier.prepare(image, node=NODE)).float(), dim=1)
+            logp = torch.log_softmax(classifier.logits(image, node=NODE), dim=1)
             align.append(logp.gather(1, targets.view(-1, 1).to(logp.device)).squeeze(1))
         align += [torch.as_tensor(fn(image, float(scale)), dtype=torch.float32, device=image.device) for fn in extra]
         return align, fid

@@ -140,9 +140,8 @@ class GFCGGuider(comfy.samplers.CFGGuider):
                                                seed=seed)
         if self.s_max > 0 and "cond" in seen:
             with torch.no_grad():
-                net = self.classifier.module.to(x.device)
                 image = decode(seen["cond"].float(), self.latent_format, self.decoder)
-                probs = torch.softmax(net(self.classifier.prepare(image, node=NODE)).float(), dim=1)
+                probs = torch.softmax(self.classifier.logits(image, node=NODE), dim=1)
             ref, frac = gfcg_reference(probs.cpu(), targets, self.candidates)
             self.state = {"ref": ref, "frac": frac.to(x.device)}
         return out
