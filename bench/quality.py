@@ -88,6 +88,9 @@ class Config:
     threshold: float | None = None   # Adaptive Guidance γ̄ (None: the run's --ag-threshold)
     particles: int = 0               # FKC: particles per image
     classifier_scale: float = 0.0    # EluCD: GL_ClassifierGuidance scale; GFCG: s_max
+    scale_2: float = 0.0             # cfg+autoguidance: w_a; multi-condition: s_2 (regional prompts)
+    refresh: int = 1                 # multi-condition: refresh_every (accelerated nested variant when > 1)
+    region: str = "mask"             # multi-condition: regional prompts by "mask" (whole image) or "area" (crop)
     images: list = field(default_factory=list)      # [B, 3, 32, 32] per prompt, in prompt order
     nfe: list = field(default_factory=list)         # UNet rows per image, per prompt
     seconds: list = field(default_factory=list)     # graph wall time per prompt
@@ -119,8 +122,32 @@ def extra_configs() -> list[Config]:
         Config("dyncfg-5", "Dynamic CFG, cfg 5 × (0.5, 1, 2, 3), classifier + clipping", "dyncfg", 5.0,
                "DynCFG cfg5", classifier_scale=1.0),
         Config("dyncfg_clip-5", "Dynamic CFG, cfg 5 × (0.5, 1, 2, 3), clipping only", "dyncfg", 5.0,
-               "DynCFG clip cfg5", classifier_scale=0.0)]
+               "DynCFG clip cfg5", classifier_scale=0.0)] + two_model_configs()
 
+
+def two_model_configs() -> list[Config]:
+    """Autoguidance (weak model = demo_model_weak) and multi-condition CFG (global + regional prompts) rows."""
+    out = [Config(f"autoguidance-{w:g}", f"Autoguidance w {w:g} (weak: demo_model_weak)", "autoguidance", w,
+                  f"AutoG {w:g}") for w in (1.5, 2.0, 3.0, 5.0)]
+    out += [Config("cfg_autoguidance-3", "CFG 3 + autoguidance w_a 2 (demo_model_weak)", "cfg_autoguidance", 3.0,
+                   "CFG3+AutoG2", scale_2=2.0)]
+    out += [Config(f"multicond-{s1:g}-{s2:g}",
+                   f"Multi-condition nested: global s {s1:g} + regional s {s2:g} (single-object prompts: CFG "
+                   f"{s1:g})", "multicond", s1, f"MC {s1:g}+{s2:g}", scale_2=s2)
+            for s1, s2 in ((5.0, 1.0), (5.0, 2.0), (5.0, 5.0), (3.0, 5.0))]
+    out += [Config(f"multicond_area-{s1:g}-{s2:g}",
+                   f"Multi-condition nested, regions as areas: global s {s1:g} + regional s {s2:g} (single-object "
+                   f"prompts: CFG {s1:g})", "multicond", s1, f"MC area {s1:g}+{s2:g}", scale_2=s2, region="area")
+            for s1, s2 in ((5.0, 2.0), (5.0, 5.0), (3.0, 5.0))]
+    out += [Config("multicond_m2-5-2", "Multi-condition nested, accelerated (refresh every 2 steps): global s 5 + "
+                   "regional s 2 (single-object prompts: CFG 5)", "multicond", 5.0, "MC 5+2 m2", scale_2=2.0,
+                   refresh=2)]
+    return out
+
+
+TWO_MODEL_CONFIGS = "cfg-1,cfg-3,cfg-5,autoguidance-2,autoguidance-3,autoguidance-5,cfg_autoguidance-3"
+MULTI_CONDITION_CONFIGS = ("cfg-3,cfg-5,multicond-5-2,multicond-5-5,multicond_area-5-2,multicond_area-5-5,"
+                           "multicond_area-3-5,multicond_m2-5-2")
 
 CLASSIFIER_CONFIGS = ("cfg-1,cfg-3,cfg-5,cfg-10,cfg-15,elucd1-1,elucd1-3,elucd0.5-5,elucd1-5,elucd2-5,gfcg2-5,gfcg5-5,"
                       "dyncfg-5,dyncfg_clip-5")
@@ -146,15 +173,15 @@ class Prompt:
     scene: dict | None = None    # the held-out pair scene a two-object caption describes (shown in the grid)
 
 
-def make_prompts(n_images: int, per_prompt: int, seed: int) -> list[Prompt]:
-    """ceil(n_images / per_prompt) prompts: about 70 % held-out single-object captions (spread evenly over the
-    held-out combinations, all of them once there are enough prompts), the rest two-object captions of held-out
-    pair scenes; at least one of each kind when there are two prompts or more."""
+def make_prompts(n_images: int, per_prompt: int, seed: int, pair_share: float = 0.3) -> list[Prompt]:
+    """ceil(n_images / per_prompt) prompts: about 1 − pair_share (70 %) held-out single-object captions (spread
+    evenly over the held-out combinations, all of them once there are enough prompts), the rest two-object captions
+    of held-out pair scenes; at least one of each kind when there are two prompts or more."""
     from demo import world
     singles = world.held_out_captions()
     combos = world.held_out_combos()
     n_prompts = max(1, math.ceil(n_images / per_prompt))
-    n_single = min(len(singles), max(1, round(0.7 * n_prompts)))
+    n_single = min(len(singles), max(1, round((1.0 - pair_share) * n_prompts)))
     if n_prompts >= 2:
         n_single = min(n_single, n_prompts - 1)
     n_pair = n_prompts - n_single
@@ -332,6 +359,31 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
         g["6"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
             "noise": ["13", 0], "guider": ["7", 0], "sampler": ["8", 0], "sigmas": ["9", 0],
             "latent_image": ["5", 0]}}
+    elif cfg.method in ("autoguidance", "cfg_autoguidance") or (cfg.method == "multicond"
+                                                                and prompt.kind == "pair"):
+        if cfg.method == "multicond":
+            g["7"] = {"class_type": "GL_MultiConditionGuider", "inputs": {
+                "model": model, "negative": ["4", 0], "condition_1": ["3", 0],
+                "condition_2": regional_prompts(g, prompt, cfg.region), "form": "nested (combine inputs)",
+                "scale_1": cfg.scale, "scale_2": cfg.scale_2, "refresh_every": cfg.refresh}}
+        else:
+            g["14"] = {"class_type": "GL_DemoModelLoader", "inputs": {"checkpoint": weak_label()}}
+            g["7"] = {"class_type": "GL_MultiModelGuider", "inputs": {
+                "model": model, "positive": ["3", 0], "negative": ["4", 0], "model_2": ["14", 0],
+                "mode": "autoguidance" if cfg.method == "autoguidance" else "cfg+autoguidance", "cfg": cfg.scale,
+                "scale_2": cfg.scale_2 or 1.0, "start_percent": 0.0, "end_percent": 1.0, "max_ratio": 0.0}}
+        g["8"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+        g["9"] = {"class_type": "BasicScheduler",
+                  "inputs": {"model": model, "scheduler": "normal", "steps": steps, "denoise": 1.0}}
+        g["13"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": prompt.seed}}
+        g["6"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["13", 0], "guider": ["7", 0], "sampler": ["8", 0], "sigmas": ["9", 0],
+            "latent_image": ["5", 0]}}
+    elif cfg.method == "multicond":          # single-object prompt: no layout to give, CFG at s_1
+        g["6"] = {"class_type": "KSampler", "inputs": {
+            "model": model, "seed": prompt.seed, "steps": steps, "cfg": cfg.scale, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
+            "denoise": 1.0}}
     elif cfg.method == "fkc":
         g["8"] = {"class_type": "GL_SamplerFKC", "inputs": {
             "particles": cfg.particles, "propagation": "ddpm", "resample": "every_step", "kappa": 0.5,
@@ -346,6 +398,53 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
     return g
 
 
+# halves of the image for the first and second object of a relation (x, y, width, height in EmptyLatentImage pixels)
+_HALF = LATENT_WIDGET // 2
+_REGIONS = {"left": (0, 0, _HALF, LATENT_WIDGET), "right": (_HALF, 0, _HALF, LATENT_WIDGET),
+            "top": (0, 0, LATENT_WIDGET, _HALF), "bottom": (0, _HALF, LATENT_WIDGET, _HALF)}
+_LAYOUT = {"left of": ("left", "right"), "right of": ("right", "left"), "above": ("top", "bottom"),
+           "below": ("bottom", "top")}
+
+
+def weak_label() -> str:
+    """GL_DemoModelLoader's option for the early checkpoint."""
+    return host.boot().pack("nodes.demo_model").WEAK_LABEL
+
+
+def regional_prompts(g: dict, prompt: Prompt, region: str = "mask") -> list:
+    """SpaText-style spatial condition of a two-object prompt: each object's caption ("a red circle") on the half
+    of the image its relation puts it in, combined; adds the nodes to `g`. region "mask": ConditioningSetMask (the
+    model sees the whole image, its prediction counts inside the mask); "area": ConditioningSetAreaPercentage (the
+    model sees only the half, as a picture of its own)."""
+    objects, relation = prompt.scene["objects"], prompt.scene["relation"]
+    if region == "mask":
+        g["20"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": LATENT_WIDGET,
+                                                          "height": LATENT_WIDGET}}
+    regional = []
+    for k, (obj, half) in enumerate(zip(objects, _LAYOUT[relation])):
+        x, y, w, h = _REGIONS[half]
+        n = 21 + 4 * k
+        if region == "area":
+            g[str(n + 2)] = {"class_type": "CLIPTextEncode", "inputs": {
+                "text": f"a {obj['color']} {obj['shape']}", "clip": ["1", 1]}}
+            g[str(n + 3)] = {"class_type": "ConditioningSetAreaPercentage", "inputs": {
+                "conditioning": [str(n + 2), 0], "width": w / LATENT_WIDGET, "height": h / LATENT_WIDGET,
+                "x": x / LATENT_WIDGET, "y": y / LATENT_WIDGET, "strength": 1.0}}
+            regional.append(str(n + 3))
+            continue
+        g[str(n)] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": w, "height": h}}
+        g[str(n + 1)] = {"class_type": "MaskComposite", "inputs": {
+            "destination": ["20", 0], "source": [str(n), 0], "x": x, "y": y, "operation": "add"}}
+        g[str(n + 2)] = {"class_type": "CLIPTextEncode", "inputs": {
+            "text": f"a {obj['color']} {obj['shape']}", "clip": ["1", 1]}}
+        g[str(n + 3)] = {"class_type": "ConditioningSetMask", "inputs": {
+            "conditioning": [str(n + 2), 0], "mask": [str(n + 1), 0], "strength": 1.0, "set_cond_area": "default"}}
+        regional.append(str(n + 3))
+    g["30"] = {"class_type": "ConditioningCombine", "inputs": {
+        "conditioning_1": [regional[0], 0], "conditioning_2": [regional[1], 0]}}
+    return ["30", 0]
+
+
 class Runner:
     """One PromptExecutor for the whole run (CLASSIC cache: the loader and the text encodings are reused)."""
 
@@ -354,9 +453,21 @@ class Runner:
         self.execution = execution
         self.ex = execution.PromptExecutor(host.ServerStub(), cache_type=execution.CacheType.CLASSIC,
                                            cache_args={"lru": 0, "ram": 0})
+        self.done: dict = {}
 
     def run(self, graph: dict) -> tuple[torch.Tensor, int, float]:
-        """(images [B, 3, H, W] in [0, 1], UNet rows, wall seconds of validation + execution)."""
+        """(images [B, 3, H, W] in [0, 1], UNet rows, wall seconds of validation + execution).
+
+        A graph identical to one already run (e.g. a multi-condition row's single-object prompts, which are plain
+        CFG graphs) returns that run's figures: the executor's cache would skip the sampler and count 0 rows."""
+        key = json.dumps(graph, sort_keys=True)
+        if key in self.done:
+            return self.done[key]
+        result = self._run(graph)
+        self.done[key] = result
+        return result
+
+    def _run(self, graph: dict) -> tuple[torch.Tensor, int, float]:
         prompt_id = uuid.uuid4().hex
         Capture.captured.clear()
         _Probe.rows = 0
@@ -664,6 +775,34 @@ def classifier_checks(rows: list[dict]) -> list[str]:
     return lines
 
 
+def two_model_checks(rows: list[dict]) -> list[str]:
+    """Autoguidance against CFG (quality without CFG's loss of variety) and multi-condition CFG against CFG on the
+    same global prompt (two-object prompts)."""
+    by_key = {r["key"]: r for r in rows}
+    lines = []
+    cfgs = [r for r in rows if r["key"].startswith("cfg-")]
+    for r in rows:
+        if r["key"].startswith(("autoguidance", "cfg_autoguidance")) and cfgs:
+            near = min(cfgs, key=lambda c: abs(c["attribute"] - r["attribute"]))
+            lines.append(f"- {r['label']} vs {near['label']} (the CFG row of nearest attribute accuracy): attribute "
+                         f"accuracy {_pct(r['attribute'])} vs {_pct(near['attribute'])}, Fréchet distance "
+                         f"{_num(r['fd'], 2)} vs {_num(near['fd'], 2)} (×{r['fd'] / near['fd']:.3f}), diversity "
+                         f"{_num(r['diversity'], 2)} vs {_num(near['diversity'], 2)}, relation accuracy "
+                         f"{_pct(r['relation'])} vs {_pct(near['relation'])}, NFE/image {_nfe(r['nfe'])} vs "
+                         f"{_nfe(near['nfe'])}.")
+        if r["key"].startswith("multicond"):
+            base = by_key.get(f"cfg-{r['scale']:g}")
+            what = "the global prompt alone"
+            if r["key"].startswith("multicond_m2") and r["key"].replace("multicond_m2", "multicond") in by_key:
+                base, what = by_key[r["key"].replace("multicond_m2", "multicond")], "the exact variant"
+            if base is not None:
+                lines.append(f"- {r['label']} vs {base['label']} ({what}): relation accuracy "
+                             f"{_pct(r['relation'])} vs {_pct(base['relation'])}, both objects found "
+                             f"{_pct(r['pair_objects'])} vs {_pct(base['pair_objects'])}, NFE/image "
+                             f"{_nfe(r['nfe'])} vs {_nfe(base['nfe'])}.")
+    return lines
+
+
 def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list[Config]) -> str:
     w = info["weights"]
     n_single = sum(p.kind == "single" for p in prompts)
@@ -708,6 +847,19 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
         + ("; Dynamic CFG: `GL_DynamicCFG` (multipliers 0.5, 1, 2, 3 of cfg, max_change 5, window 0–0.7, "
            "alignment and fidelity weights 1; with the guidance classifier and target, or the clipping penalty "
            "alone) before the KSampler" if any(c.method == "dyncfg" for c in configs) else "")
+        + ("; autoguidance: a second `GL_DemoModelLoader` (demo_model_weak, the early checkpoint of the same "
+           "training run) as model_2 of `GL_MultiModelGuider` (mode autoguidance: D_weak + w·(D_main − D_weak) on "
+           "the prompt; cfg+autoguidance: CFG at cfg plus w_a) + `KSamplerSelect` (euler) + `BasicScheduler` + "
+           "`RandomNoise` → `SamplerCustomAdvanced`" if any(c.method.endswith("autoguidance") for c in configs)
+           else "")
+        + ("; multi-condition: `GL_MultiConditionGuider` (nested, combine inputs) with condition 1 = the "
+           "two-object caption and condition 2 = each object's caption (\"a red circle\") masked to the half of "
+           "the image its relation gives it (`SolidMask` + `MaskComposite` → `ConditioningSetMask`; rows \"regions "
+           "as areas\": `ConditioningSetAreaPercentage`, the model then sees only that half), combined with "
+           "`ConditioningCombine`, → `SamplerCustomAdvanced` (as for KSampler, ComfyUI also evaluates the negative and "
+           "condition 1 on each area, so those rows' NFE/image counts half-image rows: 3 full and 6 half rows per "
+           "step at unequal scales); single-object prompts have no layout and run "
+           "CFG at s_1 in those rows" if any(c.method == "multicond" for c in configs) else "")
         + ". `EmptyLatentImage` 256×256 → "
         f"32×32 pixel-space "
         f"latents, one batch of {args.per_prompt} images per prompt, seed = {args.seed} + prompt index (the same for "
@@ -740,6 +892,12 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
     if guided:
         lines += ["", "Classifier guidance against CFG at the same cfg (targets of the classifier-guidance issue: "
                       "higher attribute accuracy; better Fréchet distance at low scales):", "", *guided]
+    pairs = two_model_checks(rows)
+    if pairs:
+        lines += ["", "Against CFG (targets of the multi-condition and two-model issue: autoguidance gives better "
+                      "quality without CFG's loss of variety; per-object scales beat single-prompt CFG on two-object "
+                      "prompts):",
+                  "", *pairs]
     savings = speedup_checks(rows)
     if savings:
         lines += ["", "Model-call savings against CFG at the same scale and steps (targets of the Adaptive Guidance "
@@ -773,6 +931,13 @@ def parse_args(argv=None):
                     help="heading of a section other than the default one")
     ap.add_argument("--classifier", action="store_true",
                     help=f"shorthand for --configs {CLASSIFIER_CONFIGS} --section classifier_guidance")
+    ap.add_argument("--two-model", action="store_true",
+                    help=f"shorthand for --configs {TWO_MODEL_CONFIGS} --section two_model_guidance")
+    ap.add_argument("--multi-condition", action="store_true",
+                    help=f"shorthand for --configs {MULTI_CONDITION_CONFIGS} --section multi_condition_guidance "
+                         "--pair-share 0.75")
+    ap.add_argument("--pair-share", type=float, default=None,
+                    help="share of two-object prompts (default 0.3; 0.75 with --multi-condition)")
     ap.add_argument("--configs", default="all",
                     help="comma-separated configuration keys (default all: " + ", ".join(
                         c.key for c in all_configs(DEFAULT_APG_THRESHOLD)) + ")")
@@ -800,6 +965,18 @@ def parse_args(argv=None):
         ap.error("need --images, --per-prompt, --steps, --threads >= 1")
     if args.classifier:
         args.configs, args.section = CLASSIFIER_CONFIGS, "classifier_guidance"
+    if args.two_model:
+        args.configs, args.section = TWO_MODEL_CONFIGS, "two_model_guidance"
+        if args.title == ap.get_default("title"):
+            args.title = "Two-model guidance (autoguidance) on the demo model (CPU)"
+    if args.multi_condition:
+        args.configs, args.section = MULTI_CONDITION_CONFIGS, "multi_condition_guidance"
+        args.pair_share = 0.75 if args.pair_share is None else args.pair_share
+        if args.title == ap.get_default("title"):
+            args.title = "Multi-condition CFG with regional prompts on the demo model (CPU)"
+    args.pair_share = 0.3 if args.pair_share is None else args.pair_share
+    if not 0.0 < args.pair_share < 1.0:
+        ap.error("--pair-share must lie in (0, 1)")
     stem = "quality" if args.section == SECTION else args.section
     args.grid = args.grid or str(BENCH_DIR / "results" / f"{stem}_grid.png")
     args.json = args.json or str(BENCH_DIR / "results" / f"{stem}.json")
@@ -858,7 +1035,7 @@ def main(argv=None) -> int:
     try:
         configs = [c for c in all_configs(args.apg_threshold, args.ag_threshold) + extra_configs()
                    if c.key in args.config_keys]
-        prompts = make_prompts(args.images, args.per_prompt, args.seed)
+        prompts = make_prompts(args.images, args.per_prompt, args.seed, args.pair_share)
         ref_sets = reference_images(prompts, args.per_prompt)
         ev = load_evaluator()
         info = {"weights": weights_info(weights)}
