@@ -41,7 +41,8 @@ class MultiConditionGuider(io.ComfyNode):
                 "condition. composable: D(∅) + Σ s_i·(D(c_i) − D(∅)). All conditions of a step go through one "
                 "batched model call: N + 1 rows per image (fewer when a window or equal scales make a condition "
                 "unnecessary; a combined conditioning costs a row per entry, and ComfyUI evaluates every condition "
-                "on each area of an area conditioning); refresh_every = m > 1 (nested) evaluates the middle conditions only every m steps. "
+                "on each area of an area conditioning); refresh_every = m > 1 (nested) evaluates the middle "
+                "conditions only every m steps. "
                 "Other nodes' pre/post-CFG functions run on the last condition and the negative. Use with "
                 "SamplerCustomAdvanced."),
             inputs=[
