@@ -122,7 +122,7 @@ def extra_configs() -> list[Config]:
         Config("dyncfg-5", "Dynamic CFG, cfg 5 × (0.5, 1, 2, 3), classifier + clipping", "dyncfg", 5.0,
                "DynCFG cfg5", classifier_scale=1.0),
         Config("dyncfg_clip-5", "Dynamic CFG, cfg 5 × (0.5, 1, 2, 3), clipping only", "dyncfg", 5.0,
-               "DynCFG clip cfg5", classifier_scale=0.0)] + two_model_configs()
+               "DynCFG clip cfg5", classifier_scale=0.0)] + two_model_configs() + fkc_configs()
 
 
 def two_model_configs() -> list[Config]:
@@ -144,6 +144,19 @@ def two_model_configs() -> list[Config]:
                    refresh=2)]
     return out
 
+
+def fkc_configs() -> list[Config]:
+    """FKC rows of the particle-sampler issue: CFG target and product of two experts against CFG and averaging."""
+    return [Config("fkc8-5", "FKC particles, CFG target β 5 (K 8, ddpm, clamp 2, best)", "fkc", 5.0, "FKC K8 cfg5",
+                   particles=8),
+            Config("avg-5", "Multi-prompt averaging: ConditioningCombine(expert 1, expert 2), CFG 5", "avg", 5.0,
+                   "Avg cfg5")] + [
+        Config(f"fkcpoe{k}", f"FKC product of experts q1·q2 (K {k}, ddpm, clamp 2, best)"
+               + (": K 1 = no weights, the plain product SDE" if k == 1 else ""), "fkcpoe", 1.0, f"PoE K{k}",
+               particles=k) for k in (1, 4, 8)]
+
+
+FKC_CONFIGS = "cfg-5,fkc4-5,fkc8-5,avg-5,fkcpoe1,fkcpoe4,fkcpoe8"
 
 TWO_MODEL_CONFIGS = "cfg-1,cfg-3,cfg-5,autoguidance-2,autoguidance-3,autoguidance-5,cfg_autoguidance-3"
 MULTI_CONDITION_CONFIGS = ("cfg-3,cfg-5,multicond-5-2,multicond-5-5,multicond_area-5-2,multicond_area-5-5,"
@@ -182,7 +195,7 @@ def make_prompts(n_images: int, per_prompt: int, seed: int, pair_share: float = 
     combos = world.held_out_combos()
     n_prompts = max(1, math.ceil(n_images / per_prompt))
     n_single = min(len(singles), max(1, round((1.0 - pair_share) * n_prompts)))
-    if n_prompts >= 2:
+    if n_prompts >= 2 and pair_share > 0:
         n_single = min(n_single, n_prompts - 1)
     n_pair = n_prompts - n_single
     picks = [int(i * len(singles) / n_single) for i in range(n_single)]
@@ -384,6 +397,31 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
             "model": model, "seed": prompt.seed, "steps": steps, "cfg": cfg.scale, "sampler_name": "euler",
             "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
             "denoise": 1.0}}
+    elif cfg.method in ("avg", "fkcpoe"):
+        if prompt.kind != "single":
+            raise ValueError(f"{cfg.key}: expert rows need single-object prompts (run with --pair-share 0)")
+        e1, e2 = experts(prompt)
+        g["15"] = {"class_type": "CLIPTextEncode", "inputs": {"text": e1, "clip": ["1", 1]}}
+        g["16"] = {"class_type": "CLIPTextEncode", "inputs": {"text": e2, "clip": ["1", 1]}}
+        if cfg.method == "avg":
+            g["17"] = {"class_type": "ConditioningCombine", "inputs": {
+                "conditioning_1": ["15", 0], "conditioning_2": ["16", 0]}}
+            g["6"] = {"class_type": "KSampler", "inputs": {
+                "model": model, "seed": prompt.seed, "steps": steps, "cfg": cfg.scale, "sampler_name": "euler",
+                "scheduler": "normal", "positive": ["17", 0], "negative": ["4", 0], "latent_image": ["5", 0],
+                "denoise": 1.0}}
+        else:
+            g["7"] = {"class_type": "GL_FKCGuider", "inputs": {
+                "model": model, "mode": "product", "positive": ["15", 0], "positive_2": ["16", 0], "beta": 1.0}}
+            g["8"] = {"class_type": "GL_SamplerFKC", "inputs": {
+                "particles": cfg.particles, "propagation": "ddpm", "resample": "every_step", "kappa": 0.5,
+                "temperature": 1.0, "clamp": 2.0, "start_percent": 0.0, "end_percent": 1.0, "output": "best"}}
+            g["9"] = {"class_type": "BasicScheduler",
+                      "inputs": {"model": model, "scheduler": "normal", "steps": steps, "denoise": 1.0}}
+            g["13"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": prompt.seed}}
+            g["6"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+                "noise": ["13", 0], "guider": ["7", 0], "sampler": ["8", 0], "sigmas": ["9", 0],
+                "latent_image": ["5", 0]}}
     elif cfg.method == "fkc":
         g["8"] = {"class_type": "GL_SamplerFKC", "inputs": {
             "particles": cfg.particles, "propagation": "ddpm", "resample": "every_step", "kappa": 0.5,
@@ -396,6 +434,15 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
     else:
         raise ValueError(cfg.method)
     return g
+
+
+def experts(prompt: Prompt) -> tuple[str, str]:
+    """The two experts of a single-object prompt: the object with its size ("a large red circle") and the object on
+    its background ("a red circle on a white background"); the held-out caption names all four attributes."""
+    from demo import world
+    color, shape, size, bg = prompt.combo
+    obj = f"{world.COLORS[color]} {world.SHAPES[shape]}"
+    return f"a {world.SIZES[size]} {obj}", f"a {obj} on a {world.BACKGROUNDS[bg]} background"
 
 
 # halves of the image for the first and second object of a relation (x, y, width, height in EmptyLatentImage pixels)
@@ -749,6 +796,33 @@ def speedup_checks(rows: list[dict]) -> list[str]:
     return lines
 
 
+_FIELD_NAMES = {"attribute": "attribute accuracy", "relation": "relation accuracy",
+                "pair_objects": "both objects found", "fd": "Fréchet distance", "diversity": "diversity",
+                "nfe": "NFE/image", "s_per_image": "s/image"}
+
+
+def _vs(r: dict, base: dict, *specs: str) -> str:
+    """"<metric> a vs b" for each spec "key[:points|:ratio|:ratio2]" (points: the accuracy difference; ratio: a/b with
+    3 decimals, ratio2 with 2), joined with commas."""
+    parts = []
+    for spec in specs:
+        key, _, extra = spec.partition(":")
+        a, b = r[key], base[key]
+        if key in ("attribute", "relation", "pair_objects"):
+            text = f"{_pct(a)} vs {_pct(b)}"
+        elif key == "nfe":
+            text = f"{_nfe(a)} vs {_nfe(b)}"
+        else:
+            digits = 3 if key == "s_per_image" else 2
+            text = f"{_num(a, digits)} vs {_num(b, digits)}"
+        if extra == "points":
+            text += f" ({100 * (a - b):+.1f} points)"
+        elif extra.startswith("ratio"):
+            text += f" (×{a / b:.{int(extra[5:] or 3)}f})"
+        parts.append(f"{_FIELD_NAMES[key]} {text}")
+    return ", ".join(parts)
+
+
 def classifier_checks(rows: list[dict]) -> list[str]:
     by_key = {r["key"]: r for r in rows}
     lines = []
@@ -758,20 +832,15 @@ def classifier_checks(rows: list[dict]) -> list[str]:
         base = by_key.get("cfg-" + r["key"].split("-", 1)[1])
         if base is None:
             continue
-        lines.append(f"- {r['label']} vs CFG {base['label'].split()[-1]}: attribute accuracy "
-                     f"{_pct(r['attribute'])} vs {_pct(base['attribute'])} "
-                     f"({100 * (r['attribute'] - base['attribute']):+.1f} points), relation accuracy "
-                     f"{_pct(r['relation'])} vs {_pct(base['relation'])}, Fréchet distance {_num(r['fd'], 2)} vs "
-                     f"{_num(base['fd'], 2)} (×{r['fd'] / base['fd']:.3f}), s/image {_num(r['s_per_image'], 3)} vs "
-                     f"{_num(base['s_per_image'], 3)} (×{r['s_per_image'] / base['s_per_image']:.2f}).")
+        lines.append(f"- {r['label']} vs CFG {base['label'].split()[-1]}: "
+                     + _vs(r, base, "attribute:points", "relation", "fd:ratio", "s_per_image:ratio2") + ".")
     fixed = [r for r in rows if r["key"].startswith("cfg-")]
     if fixed:
         best = max(fixed, key=lambda r: r["attribute"])
         for r in rows:
             if r["key"].startswith("dyncfg"):
-                lines.append(f"- {r['label']} vs the best fixed scale by accuracy ({best['label']}): attribute "
-                             f"accuracy {_pct(r['attribute'])} vs {_pct(best['attribute'])}, Fréchet distance "
-                             f"{_num(r['fd'], 2)} vs {_num(best['fd'], 2)} (×{r['fd'] / best['fd']:.3f}).")
+                lines.append(f"- {r['label']} vs the best fixed scale by accuracy ({best['label']}): "
+                             + _vs(r, best, "attribute", "fd:ratio") + ".")
     return lines
 
 
@@ -784,22 +853,30 @@ def two_model_checks(rows: list[dict]) -> list[str]:
     for r in rows:
         if r["key"].startswith(("autoguidance", "cfg_autoguidance")) and cfgs:
             near = min(cfgs, key=lambda c: abs(c["attribute"] - r["attribute"]))
-            lines.append(f"- {r['label']} vs {near['label']} (the CFG row of nearest attribute accuracy): attribute "
-                         f"accuracy {_pct(r['attribute'])} vs {_pct(near['attribute'])}, Fréchet distance "
-                         f"{_num(r['fd'], 2)} vs {_num(near['fd'], 2)} (×{r['fd'] / near['fd']:.3f}), diversity "
-                         f"{_num(r['diversity'], 2)} vs {_num(near['diversity'], 2)}, relation accuracy "
-                         f"{_pct(r['relation'])} vs {_pct(near['relation'])}, NFE/image {_nfe(r['nfe'])} vs "
-                         f"{_nfe(near['nfe'])}.")
+            lines.append(f"- {r['label']} vs {near['label']} (the CFG row of nearest attribute accuracy): "
+                         + _vs(r, near, "attribute", "fd:ratio", "diversity", "relation", "nfe") + ".")
         if r["key"].startswith("multicond"):
             base = by_key.get(f"cfg-{r['scale']:g}")
             what = "the global prompt alone"
             if r["key"].startswith("multicond_m2") and r["key"].replace("multicond_m2", "multicond") in by_key:
                 base, what = by_key[r["key"].replace("multicond_m2", "multicond")], "the exact variant"
             if base is not None:
-                lines.append(f"- {r['label']} vs {base['label']} ({what}): relation accuracy "
-                             f"{_pct(r['relation'])} vs {_pct(base['relation'])}, both objects found "
-                             f"{_pct(r['pair_objects'])} vs {_pct(base['pair_objects'])}, NFE/image "
-                             f"{_nfe(r['nfe'])} vs {_nfe(base['nfe'])}.")
+                lines.append(f"- {r['label']} vs {base['label']} ({what}): "
+                             + _vs(r, base, "relation", "pair_objects", "nfe") + ".")
+    return lines
+
+
+def fkc_checks(rows: list[dict]) -> list[str]:
+    """FKC against CFG (CFG target) and the product of experts against multi-prompt averaging."""
+    by_key = {r["key"]: r for r in rows}
+    lines = []
+    pairs = [(k, "cfg-5") for k in ("fkc4-5", "fkc8-5")] + [(k, "avg-5") for k in ("fkcpoe1", "fkcpoe4", "fkcpoe8")]
+    pairs += [(k, "fkcpoe1") for k in ("fkcpoe4", "fkcpoe8")]
+    for key, base_key in pairs:
+        r, base = by_key.get(key), by_key.get(base_key)
+        if r is not None and base is not None:
+            lines.append(f"- {r['label']} vs {base['label']}: "
+                         + _vs(r, base, "attribute:points", "fd:ratio", "nfe", "s_per_image") + ".")
     return lines
 
 
@@ -847,6 +924,11 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
         + ("; Dynamic CFG: `GL_DynamicCFG` (multipliers 0.5, 1, 2, 3 of cfg, max_change 5, window 0–0.7, "
            "alignment and fidelity weights 1; with the guidance classifier and target, or the clipping penalty "
            "alone) before the KSampler" if any(c.method == "dyncfg" for c in configs) else "")
+        + ("; experts (single-object prompts): expert 1 = the object with its size (\"a large red circle\"), "
+           "expert 2 = the object on its background (\"a red circle on a white background\"); averaging = "
+           "`ConditioningCombine` of both → KSampler (the mean of the two predictions, CFG against \"\"); product of "
+           "experts = `GL_FKCGuider` (mode product: q1·q2, no negative) + `GL_SamplerFKC` (as above) + "
+           "`RandomNoise` → `SamplerCustomAdvanced`" if any(c.method in ("avg", "fkcpoe") for c in configs) else "")
         + ("; autoguidance: a second `GL_DemoModelLoader` (demo_model_weak, the early checkpoint of the same "
            "training run) as model_2 of `GL_MultiModelGuider` (mode autoguidance: D_weak + w·(D_main − D_weak) on "
            "the prompt; cfg+autoguidance: CFG at cfg plus w_a) + `KSamplerSelect` (euler) + `BasicScheduler` + "
@@ -892,6 +974,10 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
     if guided:
         lines += ["", "Classifier guidance against CFG at the same cfg (targets of the classifier-guidance issue: "
                       "higher attribute accuracy; better Fréchet distance at low scales):", "", *guided]
+    particles = fkc_checks(rows)
+    if particles:
+        lines += ["", "FKC against CFG and the product of experts against multi-prompt averaging (rows of the particle-"
+                      "sampler issue):", "", *particles]
     pairs = two_model_checks(rows)
     if pairs:
         lines += ["", "Against CFG (targets of the multi-condition and two-model issue: autoguidance gives better "
@@ -936,6 +1022,8 @@ def parse_args(argv=None):
     ap.add_argument("--multi-condition", action="store_true",
                     help=f"shorthand for --configs {MULTI_CONDITION_CONFIGS} --section multi_condition_guidance "
                          "--pair-share 0.75")
+    ap.add_argument("--fkc", action="store_true",
+                    help=f"shorthand for --configs {FKC_CONFIGS} --section fkc_demo --pair-share 0")
     ap.add_argument("--pair-share", type=float, default=None,
                     help="share of two-object prompts (default 0.3; 0.75 with --multi-condition)")
     ap.add_argument("--configs", default="all",
@@ -974,9 +1062,14 @@ def parse_args(argv=None):
         args.pair_share = 0.75 if args.pair_share is None else args.pair_share
         if args.title == ap.get_default("title"):
             args.title = "Multi-condition CFG with regional prompts on the demo model (CPU)"
+    if args.fkc:
+        args.configs, args.section = FKC_CONFIGS, "fkc_demo"
+        args.pair_share = 0.0 if args.pair_share is None else args.pair_share
+        if args.title == ap.get_default("title"):
+            args.title = "FKC particles: CFG target and product of experts on the demo model (CPU)"
     args.pair_share = 0.3 if args.pair_share is None else args.pair_share
-    if not 0.0 < args.pair_share < 1.0:
-        ap.error("--pair-share must lie in (0, 1)")
+    if not 0.0 <= args.pair_share < 1.0:
+        ap.error("--pair-share must lie in [0, 1)")
     stem = "quality" if args.section == SECTION else args.section
     args.grid = args.grid or str(BENCH_DIR / "results" / f"{stem}_grid.png")
     args.json = args.json or str(BENCH_DIR / "results" / f"{stem}.json")

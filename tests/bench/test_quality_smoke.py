@@ -129,3 +129,34 @@ def test_missing_weights_are_reported(quality, tmp_path, capsys):
     rc = quality.main(["--weights", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "x.md")])
     assert rc == 2 and "no weights file" in capsys.readouterr().err
     assert not (tmp_path / "x.md").exists()
+
+
+def test_every_extra_configuration_builds_a_valid_graph(quality):
+    """The graphs of the rows run only on request (classifier, two-model, multi-condition, FKC experts) pass the host's
+    own validation for a single-object and, where they take one, a two-object prompt: every node and input exists."""
+    import asyncio
+
+    import execution
+    import nodes
+    if quality.host.boot().pack("guiders.demo_model").find_checkpoint("demo_model_weak") is None:
+        pytest.skip("the shipped demo-model weights are not there")
+    nodes.NODE_CLASS_MAPPINGS.update(quality.BENCH_NODES)
+    try:
+        prompts = quality.make_prompts(4, 2, 0)
+        single = next(p for p in prompts if p.kind == "single")
+        pair = next(p for p in prompts if p.kind == "pair")
+        checked = 0
+        for cfg in quality.extra_configs():
+            for p in (single, pair):
+                if cfg.method in ("avg", "fkcpoe") and p.kind == "pair":
+                    with pytest.raises(ValueError, match="single-object prompts"):
+                        quality.build_graph(cfg, p, 2, 2, 3.0)
+                    continue
+                graph = quality.build_graph(cfg, p, 2, 2, 3.0)
+                valid, error, _outputs, node_errors = asyncio.run(execution.validate_prompt("x", graph, None))
+                assert valid, (cfg.key, p.kind, error, node_errors)
+                checked += 1
+        assert checked >= 2 * len(quality.extra_configs()) - 4
+    finally:
+        for key in quality.BENCH_NODES:
+            nodes.NODE_CLASS_MAPPINGS.pop(key, None)
