@@ -305,6 +305,25 @@ BENCH_NODES = {"GLBench_CountNFE": CountNFE, "GLBench_Capture": Capture}
 
 
 # ------------------------------------------------------------------------------------------------ graphs
+def _ksampler(g: dict, model: list, prompt: Prompt, steps: int, cfg: float, positive: list) -> None:
+    """KSampler (euler, normal) on `positive` against the empty negative, as node 6."""
+    g["6"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": prompt.seed, "steps": steps, "cfg": cfg, "sampler_name": "euler",
+        "scheduler": "normal", "positive": positive, "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}}
+
+
+def _custom_advanced(g: dict, model: list, prompt: Prompt, steps: int, sampler: bool = True) -> None:
+    """SamplerCustomAdvanced (node 6) driven by the guider at node 7: BasicScheduler (normal), RandomNoise (the
+    prompt's seed) and, unless the caller set node 8, KSamplerSelect (euler)."""
+    if sampler:
+        g["8"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    g["9"] = {"class_type": "BasicScheduler",
+              "inputs": {"model": model, "scheduler": "normal", "steps": steps, "denoise": 1.0}}
+    g["13"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": prompt.seed}}
+    g["6"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+        "noise": ["13", 0], "guider": ["7", 0], "sampler": ["8", 0], "sigmas": ["9", 0], "latent_image": ["5", 0]}}
+
+
 def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_threshold: float,
                 ag_threshold: float = DEFAULT_AG_THRESHOLD) -> dict:
     """The API-format graph of one configuration and prompt."""
@@ -348,10 +367,7 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
         g["7"] = {"class_type": "GL_DynamicCFG", "inputs": inputs}
         model = ["7", 0]
     if cfg.method in ("cfg", "apg", "ag", "linear_ag", "elucd", "dyncfg"):
-        g["6"] = {"class_type": "KSampler", "inputs": {
-            "model": model, "seed": prompt.seed, "steps": steps, "cfg": cfg.scale, "sampler_name": "euler",
-            "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
-            "denoise": 1.0}}
+        _ksampler(g, model, prompt, steps, cfg.scale, ["3", 0])
     elif cfg.method == "cfgpp":
         g["8"] = {"class_type": "GL_SamplerCFGPP", "inputs": {"sampler_name": "euler", "eta": 1.0, "s_noise": 1.0}}
         g["9"] = {"class_type": "BasicScheduler",
@@ -365,13 +381,7 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
             "model": model, "positive": ["3", 0], "negative": ["4", 0], "clip": ["1", 1], "classifier": ["12", 0],
             "target": classifier_target(prompt), "classes": "", "prompt_template": "a {label}", "cfg": cfg.scale,
             "s_max": cfg.classifier_scale, "start_percent": 0.0, "end_percent": 1.0, "decoder": "auto"}}
-        g["8"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
-        g["9"] = {"class_type": "BasicScheduler",
-                  "inputs": {"model": model, "scheduler": "normal", "steps": steps, "denoise": 1.0}}
-        g["13"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": prompt.seed}}
-        g["6"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
-            "noise": ["13", 0], "guider": ["7", 0], "sampler": ["8", 0], "sigmas": ["9", 0],
-            "latent_image": ["5", 0]}}
+        _custom_advanced(g, model, prompt, steps)
     elif cfg.method in ("autoguidance", "cfg_autoguidance") or (cfg.method == "multicond"
                                                                 and prompt.kind == "pair"):
         if cfg.method == "multicond":
@@ -385,18 +395,9 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
                 "model": model, "positive": ["3", 0], "negative": ["4", 0], "model_2": ["14", 0],
                 "mode": "autoguidance" if cfg.method == "autoguidance" else "cfg+autoguidance", "cfg": cfg.scale,
                 "scale_2": cfg.scale_2 or 1.0, "start_percent": 0.0, "end_percent": 1.0, "max_ratio": 0.0}}
-        g["8"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
-        g["9"] = {"class_type": "BasicScheduler",
-                  "inputs": {"model": model, "scheduler": "normal", "steps": steps, "denoise": 1.0}}
-        g["13"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": prompt.seed}}
-        g["6"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
-            "noise": ["13", 0], "guider": ["7", 0], "sampler": ["8", 0], "sigmas": ["9", 0],
-            "latent_image": ["5", 0]}}
+        _custom_advanced(g, model, prompt, steps)
     elif cfg.method == "multicond":          # single-object prompt: no layout to give, CFG at s_1
-        g["6"] = {"class_type": "KSampler", "inputs": {
-            "model": model, "seed": prompt.seed, "steps": steps, "cfg": cfg.scale, "sampler_name": "euler",
-            "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
-            "denoise": 1.0}}
+        _ksampler(g, model, prompt, steps, cfg.scale, ["3", 0])
     elif cfg.method in ("avg", "fkcpoe"):
         if prompt.kind != "single":
             raise ValueError(f"{cfg.key}: expert rows need single-object prompts (run with --pair-share 0)")
@@ -406,22 +407,14 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
         if cfg.method == "avg":
             g["17"] = {"class_type": "ConditioningCombine", "inputs": {
                 "conditioning_1": ["15", 0], "conditioning_2": ["16", 0]}}
-            g["6"] = {"class_type": "KSampler", "inputs": {
-                "model": model, "seed": prompt.seed, "steps": steps, "cfg": cfg.scale, "sampler_name": "euler",
-                "scheduler": "normal", "positive": ["17", 0], "negative": ["4", 0], "latent_image": ["5", 0],
-                "denoise": 1.0}}
+            _ksampler(g, model, prompt, steps, cfg.scale, ["17", 0])
         else:
             g["7"] = {"class_type": "GL_FKCGuider", "inputs": {
                 "model": model, "mode": "product", "positive": ["15", 0], "positive_2": ["16", 0], "beta": 1.0}}
             g["8"] = {"class_type": "GL_SamplerFKC", "inputs": {
                 "particles": cfg.particles, "propagation": "ddpm", "resample": "every_step", "kappa": 0.5,
                 "temperature": 1.0, "clamp": 2.0, "start_percent": 0.0, "end_percent": 1.0, "output": "best"}}
-            g["9"] = {"class_type": "BasicScheduler",
-                      "inputs": {"model": model, "scheduler": "normal", "steps": steps, "denoise": 1.0}}
-            g["13"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": prompt.seed}}
-            g["6"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
-                "noise": ["13", 0], "guider": ["7", 0], "sampler": ["8", 0], "sigmas": ["9", 0],
-                "latent_image": ["5", 0]}}
+            _custom_advanced(g, model, prompt, steps, sampler=False)
     elif cfg.method == "fkc":
         g["8"] = {"class_type": "GL_SamplerFKC", "inputs": {
             "particles": cfg.particles, "propagation": "ddpm", "resample": "every_step", "kappa": 0.5,
