@@ -90,6 +90,7 @@ class Config:
     classifier_scale: float = 0.0    # EluCD: GL_ClassifierGuidance scale; GFCG: s_max
     scale_2: float = 0.0             # cfg+autoguidance: w_a; multi-condition: s_2 (regional prompts)
     refresh: int = 1                 # multi-condition: refresh_every (accelerated nested variant when > 1)
+    calibrated: bool = False         # LinearAG: coefficients fitted by GL_LinearAGCalibrate's code (see calibrate)
     region: str = "mask"             # multi-condition: regional prompts by "mask" (whole image) or "area" (crop)
     images: list = field(default_factory=list)      # [B, 3, 32, 32] per prompt, in prompt order
     nfe: list = field(default_factory=list)         # UNet rows per image, per prompt
@@ -122,7 +123,7 @@ def extra_configs() -> list[Config]:
         Config("dyncfg-5", "Dynamic CFG, cfg 5 × (0.5, 1, 2, 3), classifier + clipping", "dyncfg", 5.0,
                "DynCFG cfg5", classifier_scale=1.0),
         Config("dyncfg_clip-5", "Dynamic CFG, cfg 5 × (0.5, 1, 2, 3), clipping only", "dyncfg", 5.0,
-               "DynCFG clip cfg5", classifier_scale=0.0)] + two_model_configs() + fkc_configs()
+               "DynCFG clip cfg5", classifier_scale=0.0)] + two_model_configs() + fkc_configs() + linear_ag_configs()
 
 
 def two_model_configs() -> list[Config]:
@@ -143,6 +144,16 @@ def two_model_configs() -> list[Config]:
                    "regional s 2 (single-object prompts: CFG 5)", "multicond", 5.0, "MC 5+2 m2", scale_2=2.0,
                    refresh=2)]
     return out
+
+
+def linear_ag_configs() -> list[Config]:
+    """LinearAG with coefficients calibrated on training prompts (the default-coefficient row is standard)."""
+    return [Config("linear_ag_cal-5", f"LinearAG, cfg 5 (calibrated on {CALIBRATION_PROMPTS} training prompts, τ 0.05, "
+                   "first half)", "linear_ag", 5.0, "LinAG cal cfg5", calibrated=True)]
+
+
+CALIBRATION_PROMPTS = 16
+LINEAR_AG_CONFIGS = "cfg-5,linear_ag-5,linear_ag_cal-5"
 
 
 def fkc_configs() -> list[Config]:
@@ -299,7 +310,43 @@ class Capture:
         return {"ui": {}}
 
 
-BENCH_NODES = {"GLBench_CountNFE": CountNFE, "GLBench_Capture": Capture}
+class LinearAGCoefficients:
+    """Bench-only source of the run's calibrated LinearAG coefficients (fitted once by `calibrate`)."""
+    CATEGORY = "Guidance Lab/bench"
+    FUNCTION = "get"
+    RETURN_TYPES = ("GL_LINEAR_AG",)
+    value = None
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def get(self):
+        if LinearAGCoefficients.value is None:
+            raise RuntimeError("no calibrated LinearAG coefficients (calibrate() did not run)")
+        return (LinearAGCoefficients.value,)
+
+
+def calibrate(host, weights: Path, steps: int, cfg: float = 5.0) -> dict:
+    """Fit LinearAG coefficients with GL_LinearAGCalibrate's code on CALIBRATION_PROMPTS training captions (noise
+    seeds 1000 + i, 8 samples each, euler/normal, the run's step count); returns timing and residual figures."""
+    from demo import world
+    cal = host.pack("guiders.linear_ag_calibration")
+    model, clip, _vae = host.pack("guiders.demo_model").load_demo_model(weights)
+    _imgs, captions, _labels = world.batch(0, CALIBRATION_PROMPTS, seed=3, kind="mixed", split="train")
+    positives = [clip.encode_from_tokens_scheduled(clip.tokenize(c)) for c in captions]
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    t = time.perf_counter()
+    coefficients, residuals, metadata = cal.calibrate_linear_ag(
+        model, positives, negative, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal", seed=1000,
+        latent=torch.zeros(8, 3, IMAGE_SIZE, IMAGE_SIZE), progress=lambda done, total: None)
+    LinearAGCoefficients.value = cal.LinearAGCoefficients(coefficients, residuals, metadata)
+    return {"seconds": time.perf_counter() - t, "prompts": len(captions),
+            "predicted_steps": LinearAGCoefficients.value.summary()}
+
+
+BENCH_NODES = {"GLBench_CountNFE": CountNFE, "GLBench_Capture": Capture,
+               "GLBench_LinearAGCoefficients": LinearAGCoefficients}
 
 
 
@@ -350,6 +397,9 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
         model = ["7", 0]
     if cfg.method == "linear_ag":
         g["7"] = {"class_type": "GL_LinearAG", "inputs": {"model": model, "first_fraction": 0.5, "tau": 0.05}}
+        if cfg.calibrated:
+            g["19"] = {"class_type": "GLBench_LinearAGCoefficients", "inputs": {}}
+            g["7"]["inputs"]["coefficients"] = ["19", 0]
         model = ["7", 0]
     if cfg.method == "elucd":
         g["12"] = {"class_type": "GL_ClassifierLoader", "inputs": {"classifier": "demo_classifier.safetensors"}}
@@ -922,6 +972,12 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
            "`ConditioningCombine` of both → KSampler (the mean of the two predictions, CFG against \"\"); product of "
            "experts = `GL_FKCGuider` (mode product: q1·q2, no negative) + `GL_SamplerFKC` (as above) + "
            "`RandomNoise` → `SamplerCustomAdvanced`" if any(c.method in ("avg", "fkcpoe") for c in configs) else "")
+        + (f"; LinearAG calibrated: coefficients fitted once per run by GL_LinearAGCalibrate's code on "
+           f"{CALIBRATION_PROMPTS} training captions (`world.batch(0, {CALIBRATION_PROMPTS}, seed=3, kind=\"mixed\")`, "
+           f"8 samples each from noise seeds 1000 + i, CFG 5, euler/normal, {args.steps} steps; "
+           f"{info.get('calibration', {}).get('seconds', 0):.0f} s, not counted in the rows) and handed to "
+           "`GL_LinearAG` (τ 0.05, first half) by a bench-only source node" if any(c.calibrated for c in configs)
+           else "")
         + ("; autoguidance: a second `GL_DemoModelLoader` (demo_model_weak, the early checkpoint of the same "
            "training run) as model_2 of `GL_MultiModelGuider` (mode autoguidance: D_weak + w·(D_main − D_weak) on "
            "the prompt; cfg+autoguidance: CFG at cfg plus w_a) + `KSamplerSelect` (euler) + `BasicScheduler` + "
@@ -1015,6 +1071,8 @@ def parse_args(argv=None):
     ap.add_argument("--multi-condition", action="store_true",
                     help=f"shorthand for --configs {MULTI_CONDITION_CONFIGS} --section multi_condition_guidance "
                          "--pair-share 0.75")
+    ap.add_argument("--linear-ag", action="store_true",
+                    help=f"shorthand for --configs {LINEAR_AG_CONFIGS} --section linear_ag_calibrated")
     ap.add_argument("--fkc", action="store_true",
                     help=f"shorthand for --configs {FKC_CONFIGS} --section fkc_demo --pair-share 0")
     ap.add_argument("--pair-share", type=float, default=None,
@@ -1055,6 +1113,10 @@ def parse_args(argv=None):
         args.pair_share = 0.75 if args.pair_share is None else args.pair_share
         if args.title == ap.get_default("title"):
             args.title = "Multi-condition CFG with regional prompts on the demo model (CPU)"
+    if args.linear_ag:
+        args.configs, args.section = LINEAR_AG_CONFIGS, "linear_ag_calibrated"
+        if args.title == ap.get_default("title"):
+            args.title = "LinearAG with calibrated coefficients on the demo model (CPU)"
     if args.fkc:
         args.configs, args.section = FKC_CONFIGS, "fkc_demo"
         args.pair_share = 0.0 if args.pair_share is None else args.pair_share
@@ -1132,6 +1194,9 @@ def main(argv=None) -> int:
             if found is None or found.resolve() != weights.resolve():
                 raise RuntimeError(f"GL_DemoModelLoader would load {found}, not {weights}")
             runner = Runner()
+            if any(c.calibrated for c in configs):
+                info["calibration"] = calibrate(host, weights, args.steps)
+                print(f"LinearAG calibration {info['calibration']['seconds']:.1f} s", flush=True)
             t = time.perf_counter()
             runner.run(build_graph(configs[0], prompts[0], 1, 1, args.apg_threshold,    # warm-up: loads the model
                                    args.ag_threshold))
@@ -1177,6 +1242,7 @@ def main(argv=None) -> int:
     finally:
         for name in BENCH_NODES:
             nodes.NODE_CLASS_MAPPINGS.pop(name, None)
+        LinearAGCoefficients.value = None
         torch.set_num_threads(previous[0])
         logging.getLogger().setLevel(previous[1])
         comfy.utils.PROGRESS_BAR_ENABLED = previous[2]
