@@ -177,6 +177,20 @@ CLASSIFIER_CONFIGS = ("cfg-1,cfg-3,cfg-5,cfg-10,cfg-15,elucd1-1,elucd1-3,elucd0.
                       "dyncfg-5,dyncfg_clip-5")
 
 
+# on-request row sets: command-line flag -> (configurations, section, title (None: --title), share of two-object
+# prompts (None: --pair-share, default 0.3))
+ROW_SETS = {
+    "classifier": (CLASSIFIER_CONFIGS, "classifier_guidance", None, None),
+    "two-model": (TWO_MODEL_CONFIGS, "two_model_guidance", "Two-model guidance (autoguidance) on the demo model (CPU)",
+                  None),
+    "multi-condition": (MULTI_CONDITION_CONFIGS, "multi_condition_guidance",
+                        "Multi-condition CFG with regional prompts on the demo model (CPU)", 0.75),
+    "linear-ag": (LINEAR_AG_CONFIGS, "linear_ag_calibrated",
+                  "LinearAG with calibrated coefficients on the demo model (CPU)", None),
+    "fkc": (FKC_CONFIGS, "fkc_demo", "FKC particles: CFG target and product of experts on the demo model (CPU)", 0.0),
+}
+
+
 def classifier_target(prompt) -> str:
     """The guidance classifier's class for a prompt: its (colour, shape); for a two-object prompt the first
     object named in the caption's scene (the classifier knows single objects only)."""
@@ -1064,17 +1078,9 @@ def parse_args(argv=None):
                     "other sections get --title and no quality-bar lines)")
     ap.add_argument("--title", default="Classifier guidance on the demo model (CPU)",
                     help="heading of a section other than the default one")
-    ap.add_argument("--classifier", action="store_true",
-                    help=f"shorthand for --configs {CLASSIFIER_CONFIGS} --section classifier_guidance")
-    ap.add_argument("--two-model", action="store_true",
-                    help=f"shorthand for --configs {TWO_MODEL_CONFIGS} --section two_model_guidance")
-    ap.add_argument("--multi-condition", action="store_true",
-                    help=f"shorthand for --configs {MULTI_CONDITION_CONFIGS} --section multi_condition_guidance "
-                         "--pair-share 0.75")
-    ap.add_argument("--linear-ag", action="store_true",
-                    help=f"shorthand for --configs {LINEAR_AG_CONFIGS} --section linear_ag_calibrated")
-    ap.add_argument("--fkc", action="store_true",
-                    help=f"shorthand for --configs {FKC_CONFIGS} --section fkc_demo --pair-share 0")
+    for flag, (keys, section, _title, share) in ROW_SETS.items():
+        ap.add_argument(f"--{flag}", action="store_true", help=f"shorthand for --configs {keys} --section {section}"
+                        + (f" --pair-share {share:g}" if share is not None else ""))
     ap.add_argument("--pair-share", type=float, default=None,
                     help="share of two-object prompts (default 0.3; 0.75 with --multi-condition)")
     ap.add_argument("--configs", default="all",
@@ -1102,26 +1108,13 @@ def parse_args(argv=None):
     args.per_prompt = args.per_prompt if args.per_prompt is not None else (4 if args.quick else 8)
     if args.images < 1 or args.per_prompt < 1 or args.steps < 1 or args.threads < 1:
         ap.error("need --images, --per-prompt, --steps, --threads >= 1")
-    if args.classifier:
-        args.configs, args.section = CLASSIFIER_CONFIGS, "classifier_guidance"
-    if args.two_model:
-        args.configs, args.section = TWO_MODEL_CONFIGS, "two_model_guidance"
-        if args.title == ap.get_default("title"):
-            args.title = "Two-model guidance (autoguidance) on the demo model (CPU)"
-    if args.multi_condition:
-        args.configs, args.section = MULTI_CONDITION_CONFIGS, "multi_condition_guidance"
-        args.pair_share = 0.75 if args.pair_share is None else args.pair_share
-        if args.title == ap.get_default("title"):
-            args.title = "Multi-condition CFG with regional prompts on the demo model (CPU)"
-    if args.linear_ag:
-        args.configs, args.section = LINEAR_AG_CONFIGS, "linear_ag_calibrated"
-        if args.title == ap.get_default("title"):
-            args.title = "LinearAG with calibrated coefficients on the demo model (CPU)"
-    if args.fkc:
-        args.configs, args.section = FKC_CONFIGS, "fkc_demo"
-        args.pair_share = 0.0 if args.pair_share is None else args.pair_share
-        if args.title == ap.get_default("title"):
-            args.title = "FKC particles: CFG target and product of experts on the demo model (CPU)"
+    for flag, (keys, section, title, share) in ROW_SETS.items():
+        if getattr(args, flag.replace("-", "_")):
+            args.configs, args.section = keys, section
+            if share is not None and args.pair_share is None:
+                args.pair_share = share
+            if title and args.title == ap.get_default("title"):
+                args.title = title
     args.pair_share = 0.3 if args.pair_share is None else args.pair_share
     if not 0.0 <= args.pair_share < 1.0:
         ap.error("--pair-share must lie in [0, 1)")

@@ -17,7 +17,7 @@ import math
 import comfy.samplers
 
 from ..kernels.multi_condition import (COMPOSABLE, FORMS, NESTED, PartialDifferences, effective_coefficients,
-                                       refresh_due)
+                                       refresh_due, term_sum)
 from .combine import cfg_and_post, evaluate, pre_cfg
 from .family import in_window
 from .nfe import current_run, install_nfe_counter
@@ -120,11 +120,8 @@ class MultiConditionGuider(comfy.samplers.CFGGuider):
                 self.partials.store(step, d_uncond, [preds[i] for i in range(n)])
             else:
                 preds = dict(enumerate(self.partials.fill(d_uncond, d_top)))
-        extra = None
-        for i, e in enumerate(coeff):
-            if i != top and e != 0.0:
-                term = e * (preds[i].float() - d_uncond.float())
-                extra = term if extra is None else extra + term
+        rest = [i for i, e in enumerate(coeff) if i != top and e != 0.0]
+        extra = term_sum(d_uncond, [preds[i] for i in rest], [coeff[i] for i in rest]) if rest else None
         run = current_run(model_options)
         if run is not None and accelerated:
             run.notes["full_evaluations"] = run.notes.get("full_evaluations", 0) + int(refresh)

@@ -37,20 +37,26 @@ def effective_coefficients(scales: Sequence[float], form: str) -> list[float]:
     raise ValueError(f"unknown form {form!r}; choose one of {', '.join(FORMS)}")
 
 
-def combine(d_uncond: torch.Tensor, d_conds: Sequence[torch.Tensor | None], coefficients: Sequence[float]
-            ) -> torch.Tensor:
-    """D(∅) + Σ_i e_i·(D(k_i) − D(∅)); entries with e_i == 0 may be None (not evaluated)."""
+def term_sum(d_uncond: torch.Tensor, d_conds: Sequence[torch.Tensor | None], coefficients: Sequence[float]
+             ) -> torch.Tensor:
+    """Σ_i e_i·(D(k_i) − D(∅)) in float32; entries with e_i == 0 may be None (not evaluated)."""
     if len(d_conds) != len(coefficients):
         raise ValueError(f"{len(d_conds)} predictions but {len(coefficients)} coefficients")
     base = d_uncond.float()
-    out = base.clone()
+    out = torch.zeros_like(base)
     for d_i, e_i in zip(d_conds, coefficients):
         if e_i == 0.0:
             continue
         if d_i is None:
             raise ValueError("a condition with a non-zero coefficient was not evaluated")
         out = out + float(e_i) * (d_i.float() - base)
-    return out.to(d_uncond.dtype)
+    return out
+
+
+def combine(d_uncond: torch.Tensor, d_conds: Sequence[torch.Tensor | None], coefficients: Sequence[float]
+            ) -> torch.Tensor:
+    """D(∅) + Σ_i e_i·(D(k_i) − D(∅)), in the dtype of D(∅); entries with e_i == 0 may be None."""
+    return (d_uncond.float() + term_sum(d_uncond, d_conds, coefficients)).to(d_uncond.dtype)
 
 
 def refresh_due(step: int | None, every: int) -> bool:
