@@ -272,7 +272,9 @@ class Trainer:
             loss = loss + w * low.square().mean()
         return loss
 
-    def step(self, step: int) -> float:
+    def step(self, step: int):
+        """One optimizer step; returns the loss as a detached 0-d tensor on the training device (reading it would
+        make the CPU wait for the GPU every step; the loop reads a window of them at each log line)."""
         torch, a = self.torch, self.args
         x0, caption_tokens = self.train_data(step)
         drop = torch.rand(a.batch, generator=self.gen) < a.caption_dropout
@@ -295,7 +297,7 @@ class Trainer:
         decay = min(a.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, [p.detach() for p in params], 1 - decay)
-        return float(loss.detach())
+        return loss.detach()
 
     def freeze_text(self) -> None:
         """Text encoder := its EMA weights, no further updates (its EMA then stays equal to it, bit for bit)."""
@@ -365,17 +367,25 @@ def _loop(trainer: Trainer, args, t0: float) -> dict:
     start = time.perf_counter()
     budget = args.time_budget_min * 60
     window, done, stopped_early = [], 0, False
+    log_sum, log_n = 0.0, 0
     for step in range(args.steps):
         window.append(trainer.step(step))
         done = step + 1
-        if not math.isfinite(window[-1]):
-            raise FloatingPointError(f"loss is {window[-1]} at step {done}")
         elapsed = time.perf_counter() - start
+        if done % args.log_every == 0 or done == args.steps or len(window) >= 50:
+            # losses stay on the device between reads (no per-step host sync); checked every ≤ 50 steps
+            losses = trainer.torch.stack(window).float().cpu()
+            bad = (~trainer.torch.isfinite(losses)).nonzero()
+            if len(bad):
+                first = int(bad[0, 0])
+                raise FloatingPointError(f"loss is {float(losses[first])} at step {done - len(window) + 1 + first}")
+            log_sum, log_n = log_sum + float(losses.sum()), log_n + len(window)
+            window = []
         if done % args.log_every == 0 or done == args.steps:
             rate = elapsed / done
-            log(f"step {done}/{args.steps} loss {sum(window) / len(window):.4f} lr {lr_at(step, args):.2e} "
+            log(f"step {done}/{args.steps} loss {log_sum / log_n:.4f} lr {lr_at(step, args):.2e} "
                 f"{rate:.3f} s/step elapsed {elapsed / 60:.1f} min eta {(args.steps - done) * rate / 60:.1f} min")
-            window = []
+            log_sum, log_n = 0.0, 0
         if args.probe_every and done % args.probe_every == 0 and done != args.steps:
             probes.append([done, trainer.probe_loss(False), trainer.probe_loss(True)])
             log(f"probe step {done} loss {probes[-1][1]:.4f} ema {probes[-1][2]:.4f}")
@@ -408,6 +418,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest convolutions
     return train(args, version)
 
 
