@@ -1,0 +1,271 @@
+"""Concept erasure (GL_ConceptErase) on the demo model, through the real ComfyUI execution path.
+
+    python bench/erasure.py [--images-per-prompt 8] [--erased-prompts 12] [--other-prompts 24] [--out BENCHMARKS.md]
+
+Erases the shape "circle" with "square" as the alternative. Graph per (configuration, prompt):
+GL_DemoModelLoader → GL_ConceptErase (the row's settings; absent for the unerased reference) → KSampler (euler,
+normal, 20 steps, cfg 5, empty negative) → VAEDecode → GLBench_Capture, the same seed per prompt in every row.
+Prompts are demo-world captions (every template, colour, size and background) naming a circle ("erased
+prompts") or another shape ("other prompts"). Columns: share of erased-prompt images the evaluator reads as the
+alternative (a square of the caption's colour) and as the original; attribute accuracy on the other prompts and
+its change against the unerased model; mean absolute pixel difference and mean evaluator-feature distance of
+the other prompts' images to the unerased model's (same seeds); the largest pixel difference of unconditional
+images (empty prompt, cfg 1) to the unerased model's; the time GL_ConceptErase took.
+
+Also times the closed form on an SD1.5-size model (the SD1.5 UNet config and a CLIP-L text encoder, random
+weights; the cost does not depend on the values). Writes section `erasure` of --out and bench/results/erasure.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+for p in (str(BENCH_DIR), str(REPO)):
+    if p not in sys.path:
+        sys.path.append(p)
+
+import torch  # noqa: E402
+
+from bench import quality as q  # noqa: E402
+
+SECTION = "erasure"
+ERASE, ALTERNATIVE = "circle", "square"
+WORLD_SEED = 23
+COLOUR_TEMPLATES = "a {}\n" + "\n".join(f"a {c} {{}}" for c in ("red", "green", "blue", "yellow", "purple", "orange"))
+OTHER_SHAPES = "square; triangle; diamond; cross; star"
+ROWS = [  # (key, label, GL_ConceptErase settings or None for the unerased model)
+    ("original", "unerased model", None),
+    ("uce_default", "UCE defaults (last token, no templates, protect_uncond)", {}),
+    ("tuned", "all tokens, colour templates, preserve other shapes, erase_scale 4",
+     {"token_mode": "all", "templates": "custom", "custom_templates": COLOUR_TEMPLATES, "preserve": OTHER_SHAPES,
+      "erase_scale": 4.0, "protect_uncond": False}),
+    ("tuned_protect", "the same + protect_uncond (λ 0.1)",
+     {"token_mode": "all", "templates": "custom", "custom_templates": COLOUR_TEMPLATES, "preserve": OTHER_SHAPES,
+      "erase_scale": 4.0, "lam": 0.1, "protect_uncond": True}),
+    ("trained", "GL_ConceptEraseTrain (All-but-One design): TRAIN_LABEL", {"node": "GL_ConceptEraseTrain"}),
+]
+TRAIN = {"erase": ERASE, "alternative": ALTERNATIVE, "preserve": OTHER_SHAPES, "steps": 300, "learning_rate": 1e-3,
+         "rank": 8, "batch": 4, "eta": 1.0, "lambda_u": 1.0, "lambda_p": 0.5, "trajectories": 8,
+         "trajectory_steps": 20, "trajectory_cfg": 5.0, "trainable": "attn2 q/k/v/out", "seed": 0}
+TRAIN_LABEL = (f"{TRAIN['steps']} steps, batch {TRAIN['batch']}, lr {TRAIN['learning_rate']:g}, rank {TRAIN['rank']}, "
+               f"{TRAIN['trajectories']} trajectories × {TRAIN['trajectory_steps']} steps, preserve other shapes")
+ROWS[-1] = (ROWS[-1][0], ROWS[-1][1].replace("TRAIN_LABEL", TRAIN_LABEL), ROWS[-1][2])
+DEFAULTS = {"erase": ERASE, "alternative": ALTERNATIVE, "preserve": "", "erase_scale": 1.0, "preserve_scale": 1.0,
+            "lam": 0.5, "token_mode": "last_content", "templates": "none", "custom_templates": "",
+            "targets": "K+V", "protect_uncond": True, "uncond_prompts": "", "strength": 1.0}
+
+
+def prompts(n_erased: int, n_other: int) -> tuple[list[str], list[str]]:
+    """Distinct demo-world single-object captions naming the erased shape, and naming another shape."""
+    from demo import world
+    erased, other, start = [], [], 0
+    while len(erased) < n_erased or len(other) < n_other:
+        _imgs, captions, labels = world.batch(start, 256, seed=WORLD_SEED, kind="single", split="all")
+        for c, lab in zip(captions, labels):
+            bucket = erased if lab["objects"][0]["shape"] == ERASE else other
+            if c not in erased and c not in other and len(bucket) < (n_erased if bucket is erased else n_other):
+                bucket.append(c)
+        start += 256
+    return erased, other
+
+
+def graph(settings: dict | None, caption: str, seed: int, batch: int, cfg: float) -> dict:
+    g = {"1": {"class_type": "GL_DemoModelLoader", "inputs": {"checkpoint": "demo_model"}},
+         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": caption, "clip": ["1", 1]}},
+         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": q.LATENT_WIDGET, "height": q.LATENT_WIDGET,
+                                                            "batch_size": batch}},
+         "10": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+         "11": {"class_type": "GLBench_Capture", "inputs": {"images": ["10", 0]}}}
+    model = ["1", 0]
+    if settings is not None and settings.get("node") == "GL_ConceptEraseTrain":
+        g["21"] = {"class_type": "EmptyLatentImage", "inputs": {"width": q.LATENT_WIDGET, "height": q.LATENT_WIDGET,
+                                                                "batch_size": 1}}
+        g["20"] = {"class_type": "GL_ConceptEraseTrain",
+                   "inputs": {"model": ["1", 0], "clip": ["1", 1], "latent": ["21", 0], **TRAIN}}
+        model = ["20", 0]
+    elif settings is not None:
+        g["20"] = {"class_type": "GL_ConceptErase",
+                   "inputs": {"model": ["1", 0], "clip": ["1", 1], **{**DEFAULTS, **settings}}}
+        model = ["20", 0]
+    g["6"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": seed, "steps": 20, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+        "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}}
+    return g
+
+
+def sd15_size_timing() -> dict:
+    """Seconds of the closed form (defaults, one concept) on an SD1.5-size UNet + CLIP-L, random weights."""
+    import comfy.model_base
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import comfy.model_patcher
+    h = q.host.boot()
+    tiny_models, erasure = h.pack("guiders.tiny_models"), h.pack("guiders.erasure")
+    unet = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+                adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+                transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
+                use_linear_in_transformer=False, context_dim=768, num_heads=8,
+                transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_temporal_attention=False,
+                use_temporal_resblock=False)
+    with torch.inference_mode(False):
+        model = comfy.model_base.BaseModel(comfy.supported_models.SD15(unet))
+        tiny_models._init_weights(model.diffusion_model, 0)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer,
+                                                                         comfy.sd1_clip.SD1ClipModel))
+    with torch.inference_mode(False):
+        tiny_models._init_weights(clip.cond_stage_model, 1)
+    unet_params = sum(p.numel() for p in model.diffusion_model.parameters())
+    text_params = sum(p.numel() for p in clip.cond_stage_model.parameters())
+    times = []
+    for concept in ("Van Gogh", "Monet", "Picasso"):
+        t = time.perf_counter()
+        _m, edit = erasure.concept_erase(patcher, clip, erase=concept, alternative="art")
+        times.append(time.perf_counter() - t)
+    return {"seconds": times, "projections": len(edit.deltas), "unet_params": unet_params,
+            "text_params": text_params}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images-per-prompt", type=int, default=8)
+    ap.add_argument("--erased-prompts", type=int, default=12)
+    ap.add_argument("--other-prompts", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    ap.add_argument("--json", default=str(BENCH_DIR / "results" / "erasure.json"))
+    ap.add_argument("--skip-sd15-timing", action="store_true")
+    args = ap.parse_args(argv)
+    wall0 = time.perf_counter()
+    host = q.boot_host("pytorch")
+    import logging
+
+    import comfy.utils
+    import nodes
+
+    from bench import metrics
+    from bench._markdown import write_section
+    from bench.evaluator import load_evaluator
+    torch.set_num_threads(args.threads)
+    logging.getLogger().setLevel(logging.WARNING)
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    nodes.NODE_CLASS_MAPPINGS.update(q.BENCH_NODES)
+    dm = host.pack("guiders.demo_model")
+    weights = dm.find_checkpoint("demo_model")
+    ev = load_evaluator()
+    erased, other = prompts(args.erased_prompts, args.other_prompts)
+    n = args.images_per_prompt
+    runner = q.Runner()
+    results = {}
+    try:
+        runner.run(graph(None, "", 0, 1, 5.0))
+        for key, label, settings in ROWS:
+            t = time.perf_counter()
+            first = runner.run(graph(settings, erased[0], args.seed, n, 5.0))     # the erasure node runs here
+            seconds_first = time.perf_counter() - t
+            imgs = {c: runner.run(graph(settings, c, args.seed + i, n, 5.0))[0]
+                    for i, c in enumerate(erased + other)}
+            assert torch.equal(first[0], imgs[erased[0]])
+            uncond = runner.run(graph(settings, "", args.seed, n, 1.0))[0]
+            results[key] = {"label": label, "images": imgs, "uncond": uncond, "seconds": time.perf_counter() - t,
+                            "seconds_first": seconds_first}
+            print(f"{key}: {results[key]['seconds']:.0f} s", flush=True)
+        # the node's own time, from its log-free path: run it directly on the loaded demo model
+        erasure = host.pack("guiders.erasure")
+        patcher, clip, _vae = dm.load_demo_model(weights)
+        for key, _label, settings in ROWS[1:]:
+            if settings.get("node") == "GL_ConceptEraseTrain":
+                results[key]["node_seconds"] = results[key]["seconds_first"] - results["original"]["seconds_first"]
+                continue
+            t = time.perf_counter()
+            erasure.concept_erase(patcher, clip, **{k: v for k, v in {**DEFAULTS, **settings}.items()})
+            results[key]["node_seconds"] = time.perf_counter() - t
+        rows = summarise(results, erased, other, n, ev, metrics)
+        timing = None if args.skip_sd15_timing else sd15_size_timing()
+    finally:
+        for name in q.BENCH_NODES:
+            nodes.NODE_CLASS_MAPPINGS.pop(name, None)
+    info = {"cpu": q._cpu_model(), "cores": os.cpu_count(), "comfy": q._comfy_version(), "rev": q._git_revision(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "wall": time.perf_counter() - wall0, "command": "python bench/erasure.py " + " ".join(argv or sys.argv[1:]),
+            "weights": q.weights_info(weights)}
+    write_section(args.out, SECTION, render(rows, timing, info, erased, other, n))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"rows": rows, "timing": timing, "info": info, "erased": erased,
+                                           "other": other}, indent=1, default=str))
+    print(f"wrote section {SECTION!r} of {args.out}", flush=True)
+    return 0
+
+
+def summarise(results, erased, other, n, ev, metrics) -> list[dict]:
+    base = results["original"]
+    rows = []
+    for key, r in results.items():
+        er_imgs = torch.cat([r["images"][c] for c in erased])
+        er_caps = [c for c in erased for _ in range(n)]
+        alt_caps = [c.replace(ERASE, ALTERNATIVE) for c in er_caps]
+        ot_imgs = torch.cat([r["images"][c] for c in other])
+        ot_base = torch.cat([base["images"][c] for c in other])
+        ot_caps = [c for c in other for _ in range(n)]
+        feats, feats_base = ev.features(ot_imgs), ev.features(ot_base)
+        rows.append({
+            "key": key, "label": r["label"],
+            "as_alternative": float(metrics.attribute_accuracy(er_imgs, alt_caps, ev)["attribute"]),
+            "as_original": float(metrics.attribute_accuracy(er_imgs, er_caps, ev)["attribute"]),
+            "other_accuracy": float(metrics.attribute_accuracy(ot_imgs, ot_caps, ev)["attribute"]),
+            "other_pixel": float((ot_imgs - ot_base).abs().mean()),
+            "other_feature": float(torch.linalg.vector_norm(feats - feats_base, dim=1).mean()),
+            "feature_scale": float(torch.linalg.vector_norm(feats_base - feats_base.mean(0), dim=1).mean()),
+            "uncond_max": float((r["uncond"] - base["uncond"]).abs().max()),
+            "node_seconds": r.get("node_seconds")})
+    return rows
+
+
+def render(rows, timing, info, erased, other, n) -> str:
+    base = rows[0]
+    w = info["weights"]
+    lines = [
+        f"## Concept erasure on the demo model (CPU): erase \"{ERASE}\", alternative \"{ALTERNATIVE}\"", "",
+        f"- Command: `{info['command']}`",
+        f"- Machine: {info['cpu']}, {info['cores']} cores; ComfyUI {info['comfy']}; revision {info['rev']}; "
+        f"{info['date']}; {info['wall'] / 60:.1f} min in all.",
+        f"- Weights: `{w['path']}` (sha256 {w['sha256']}, step {w['train_steps']}).",
+        f"- {len(erased)} erased prompts (captions naming a {ERASE}) and {len(other)} other prompts (other shapes), "
+        f"{n} images each, the same seeds in every row; KSampler euler/normal, 20 steps, cfg 5, empty negative; "
+        "\"unconditional\" = empty prompt at cfg 1 (only the unconditional branch runs).", "",
+        "| configuration | erased prompts → alternative | erased prompts → original | other prompts: accuracy "
+        "(Δ points) | other prompts: pixel Δ | other prompts: feature Δ | unconditional images: max pixel Δ | "
+        "GL_ConceptErase time |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        delta = 100 * (r["other_accuracy"] - base["other_accuracy"])
+        secs = "—" if r["node_seconds"] is None else f"{r['node_seconds']:.2f} s"
+        lines.append(f"| {r['label']} | {100 * r['as_alternative']:.1f} % | {100 * r['as_original']:.1f} % | "
+                     f"{100 * r['other_accuracy']:.1f} % ({delta:+.1f}) | {r['other_pixel']:.4f} | "
+                     f"{r['other_feature']:.3f} | {r['uncond_max']:.2e} | {secs} |")
+    lines += ["", f"Feature Δ is the mean distance in the evaluator's feature space between an image and the "
+              f"unerased model's image of the same seed (for scale: the unerased images lie on average "
+              f"{base['feature_scale']:.3f} from their mean); pixel Δ is in [0, 1] units."]
+    if timing:
+        s = timing["seconds"]
+        lines += ["", f"Closed form on an SD1.5-size model (UNet {timing['unet_params'] / 1e6:.0f} M parameters, "
+                  f"CLIP-L text encoder {timing['text_params'] / 1e6:.0f} M, random weights; defaults; one concept "
+                  f"and its alternative, {timing['projections']} projections): {', '.join(f'{x:.2f}' for x in s)} s "
+                  "(three concepts in a row; target < 5 s)."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

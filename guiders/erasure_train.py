@@ -1,0 +1,251 @@
+"""GL_ConceptEraseTrain: All-but-One style fine-tuning (kernels.erasure.surgical_losses; the loss is the
+reconstruction of methods.md §12.2, a labelled DESIGN) of LoRA adapters on the cross-attention projections.
+
+1. Trajectories: the frozen model samples `trajectories` images per erased concept (Euler, CFG, its own σ
+   schedule); every intermediate state (x_t, σ_t) goes into the training pool, so the layouts the model really
+   produces for the concept are the ones it is tuned on.
+2. Each step draws `batch` states; frozen predictions ε(x, c_a), ε(x, ∅), ε(x, c_p) with the adapters switched
+   off (no grad), tuned predictions ε'(x, c_e), ε'(x, ∅), ε'(x, c_p) with them on; AdamW on the adapters only.
+3. The adapters are LoRA weight wrappers (`add_weight_wrapper`) on a training clone, under
+   `torch.inference_mode(False)`; the clone is unloaded afterwards. The result is returned as plain weight patches
+   on a fresh clone of the input model (ΔW = α/r·up·down per projection) plus the GL_ERASURE edit for
+   GL_SaveErasureLoRA.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+
+from ..kernels import erasure as ek
+from . import erasure as er
+from .family import coords_for
+
+NODE = "GL_ConceptEraseTrain"
+TRAINABLE = {"attn2 q/k/v/out": ("to_q", "to_k", "to_v", "to_out.0"), "attn2 k/v": ("to_k", "to_v")}
+
+
+class _Adapter(torch.nn.Module):
+    """A LoRA weight wrapper W ↦ W + (α/r)·up·down that can be switched off (frozen predictions)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, gen: torch.Generator):
+        super().__init__()
+        out_dim, in_dim = weight.shape[0], weight[0].numel()
+        r = min(rank, out_dim, in_dim)
+        self.down = torch.nn.Parameter(torch.randn(r, in_dim, generator=gen) / math.sqrt(in_dim))
+        self.up = torch.nn.Parameter(torch.zeros(out_dim, r))
+        self.scale = 1.0                  # α = r: α/r = 1, as the exported LoRA stores it
+        self.enabled = True
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.up @ self.down)
+
+    def __call__(self, w):
+        if not self.enabled:
+            return w
+        return (w + self.delta().to(w.device).reshape(w.shape)).to(w.dtype)
+
+
+def _conds(model, clip, text: str, batch: int, device, x: torch.Tensor) -> dict:
+    """The model's keyword conditioning (c_crossattn and, e.g. for SDXL, y) for `text`, repeated to `batch`."""
+    tokens, _content, _length = er.tokenize_one(clip, text)
+    out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+    kw = {"cross_attn": out["cond"].clone(), "device": device, "noise": x}
+    if out.get("pooled_output") is not None:
+        kw["pooled_output"] = out["pooled_output"].clone()
+    extra = model.extra_conds(**kw)
+    out = {}
+    for k, v in extra.items():
+        c = v.process_cond(batch_size=batch).cond
+        if not torch.is_tensor(c):
+            raise ValueError(f"{NODE}: the model needs a non-tensor conditioning {k!r}; this version trains UNet "
+                             "models whose conditioning is tensors (SD1.x, SD2.x, SDXL)")
+        out[k] = c.to(device).clone()
+    return out
+
+
+def _cat(parts: list[dict]) -> dict:
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+class _Model:
+    """ε predictions of the loaded training clone on a batch with per-part conditionings."""
+
+    def __init__(self, patcher, adapters, flow: bool):
+        self.model, self.adapters, self.flow = patcher.model, adapters, flow
+
+    def eps(self, x, sigma, parts: list[dict], *, tuned: bool) -> list[torch.Tensor]:
+        for a in self.adapters:
+            a.enabled = tuned
+        n = len(parts)
+        xs, ss = torch.cat([x] * n), torch.cat([sigma] * n)
+        d = self.model.apply_model(xs, ss, **_cat(parts)).float()
+        return list(ek.eps_from_denoised(xs.float(), d, ss.float(), flow=self.flow).chunk(n))
+
+
+def _trajectories(net: _Model, shape, conds_e, cond_u, *, count, steps, cfg, gen, device, model_sampling):
+    """(x_t, σ_t) of `count` CFG Euler trajectories of the frozen model per erased concept, with the concept index."""
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "normal", steps).to(device)
+    xs, ss, ks = [], [], []
+    for k, cond_e in enumerate(conds_e):
+        noise = torch.randn((count, *shape), generator=gen).to(device)
+        x = model_sampling.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
+        for i in range(len(sigmas) - 1):
+            s = sigmas[i].expand(count)
+            xs.append(x.cpu())
+            ss.append(s.cpu())
+            ks.append(torch.full((count,), k))
+            with torch.no_grad():
+                c = net.model.apply_model(torch.cat([x, x]), torch.cat([s, s]), **_cat([cond_e, cond_u])).float()
+            d_c, d_u = c.chunk(2)
+            denoised = d_u + cfg * (d_c - d_u)
+            x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+            comfy.model_management.throw_exception_if_processing_interrupted()
+    return torch.cat(xs), torch.cat(ss), torch.cat(ks)
+
+
+def _unload(patcher) -> None:
+    """Unload the training clone and take its adapters off the shared modules (ComfyUI's unload leaves weight
+    functions in place until the next load; the modules are shared with every clone of the model)."""
+    loaded = comfy.model_management.current_loaded_models
+    for i in reversed(range(len(loaded))):
+        if loaded[i].model is patcher:
+            loaded.pop(i).model_unload()
+    for m in patcher.model.modules():
+        functions = getattr(m, "weight_function", None)
+        if functions and any(isinstance(f, _Adapter) for f in functions):
+            m.weight_function = [f for f in functions if not isinstance(f, _Adapter)]
+            if not m.weight_function and hasattr(m, "prev_comfy_cast_weights"):
+                m.comfy_cast_weights = m.prev_comfy_cast_weights
+                del m.prev_comfy_cast_weights
+
+
+def train_erasure(model, clip, latent: dict, *, erase: str, alternative: str = "", preserve: str = "",
+                  steps: int = 500, learning_rate: float = 1e-4, rank: int = 8, batch: int = 2, eta: float = 1.0,
+                  lambda_u: float = 1.0, lambda_p: float = 0.5, trajectories: int = 16, trajectory_steps: int = 30,
+                  trajectory_cfg: float = 5.0, trainable: str = "attn2 q/k/v/out", seed: int = 0):
+    """(a clone of `model` with the trained erasure as weight patches, the GL_ERASURE edit)."""
+    t0 = time.perf_counter()
+    erased, alts, kept = _check(clip, erase, alternative, preserve, steps, batch, trainable, trajectories)
+    keys = [k for k in model.model_state_dict() if k.startswith("diffusion_model.") and ".attn2." in k
+            and k.endswith(tuple(f".{n}.weight" for n in TRAINABLE[trainable]))]
+    if not keys:
+        er.target_keys(model, "K+V")          # raises the family error
+    import comfy.sample
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not torch.is_tensor(samples) or samples.ndim < 4:
+        raise ValueError(f"{NODE}: latent must be a LATENT (e.g. EmptyLatentImage at the size you sample); it sets "
+                         "the size of the training trajectories")
+    shape = tuple(comfy.sample.fix_empty_latent_channels(model, samples[:1]).shape[1:])
+    flow = coords_for(model.get_model_object("model_sampling"), node=NODE).kind == "flow"
+    gen = torch.Generator().manual_seed(seed)
+    t = model.clone()
+    history = []
+    with torch.inference_mode(False):
+        base = t.model_state_dict()
+        adapters = {k: _Adapter(base[k], rank, gen) for k in keys}
+        for k, a in adapters.items():
+            t.add_weight_wrapper(k, a)
+        t.model.requires_grad_(False)
+        try:
+            comfy.model_management.load_models_gpu([t], memory_required=1e20, force_full_load=True)
+            device = t.load_device
+            for a in adapters.values():
+                a.to(device)
+            net = _Model(t, list(adapters.values()), flow)
+            ms = t.get_model_object("model_sampling")
+            x_probe = torch.zeros((1, *shape), device=device)
+            c_e = [_conds(t.model, clip, c, 1, device, x_probe) for c in erased]
+            c_a = [_conds(t.model, clip, a, 1, device, x_probe) for a in alts]
+            c_u = _conds(t.model, clip, "", 1, device, x_probe)
+            c_p = [_conds(t.model, clip, p, 1, device, x_probe) for p in kept]
+            net_conds = (c_e, c_a, c_u, c_p)
+            pbar = comfy.utils.ProgressBar(trajectories * trajectory_steps * len(erased) + steps)
+            with torch.no_grad():
+                for a in adapters.values():
+                    a.enabled = False
+                pool = _trajectories(net, shape, [_rep(c, trajectories) for c in c_e], _rep(c_u, trajectories),
+                                     count=trajectories, steps=trajectory_steps, cfg=trajectory_cfg, gen=gen,
+                                     device=device, model_sampling=ms)
+            pbar.update(trajectories * trajectory_steps * len(erased))
+            params = [p for a in adapters.values() for p in a.parameters()]
+            opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+            with torch.enable_grad():
+                for step in range(steps):
+                    losses = _step(net, pool, net_conds, batch, gen, device, eta)
+                    total = losses["guidance"] + lambda_u * losses["uncond"] + lambda_p * losses["preserve"]
+                    opt.zero_grad(set_to_none=True)
+                    total.backward()
+                    opt.step()
+                    if step % 25 == 0 or step == steps - 1:
+                        history.append([step + 1] + [round(float(losses[n].detach()), 6) for n in ("guidance", "uncond",
+                                                                                           "preserve")])
+                    pbar.update(1)
+                    comfy.model_management.throw_exception_if_processing_interrupted()
+            deltas = {k: a.delta().detach().float().cpu() for k, a in adapters.items()}
+        finally:
+            for a in adapters.values():
+                a.enabled = False
+            _unload(t)
+    m = model.clone()
+    applied = m.add_patches({k: (d.to(base[k].dtype),) for k, d in deltas.items()}, 1.0)
+    if len(applied) != len(deltas):
+        raise RuntimeError(f"{NODE}: {len(applied)} of {len(deltas)} patches matched the model's weights")
+    meta = {"erase": erased, "alternative": alts, "preserve": kept, "method": "all-but-one (design)",
+            "steps": steps, "learning_rate": learning_rate, "rank": rank, "batch": batch, "eta": eta,
+            "lambda_u": lambda_u, "lambda_p": lambda_p, "trajectories": trajectories,
+            "trajectory_steps": trajectory_steps, "trajectory_cfg": trajectory_cfg, "trainable": trainable,
+            "seed": seed, "loss_history": history, "family": type(model.model).__name__,
+            "seconds": round(time.perf_counter() - t0, 2)}
+    logging.info("%s: %d steps in %.1f s; losses (guidance, uncond, preserve) first %s last %s", NODE, steps,
+                 meta["seconds"], history[0][1:] if history else None, history[-1][1:] if history else None)
+    return m, er.ErasureEdit(deltas, 1.0, meta)
+
+
+def _rep(cond: dict, n: int) -> dict:
+    return {k: torch.cat([v] * n) for k, v in cond.items()}
+
+
+def _step(net: _Model, pool, conds, batch: int, gen: torch.Generator, device, eta: float) -> dict:
+    xs, ss, ks = pool
+    c_e, c_a, c_u, c_p = conds
+    idx = torch.randint(0, len(xs), (batch,), generator=gen)
+    x, s, k = xs[idx].to(device), ss[idx].to(device), ks[idx].tolist()
+    erase_part = _cat([c_e[i] for i in k])
+    alt_part = _cat([c_a[i] for i in k])
+    uncond_part = _rep(c_u, batch)
+    parts_ref, parts_tuned = [alt_part, uncond_part], [erase_part, uncond_part]
+    if c_p:
+        pick = torch.randint(0, len(c_p), (batch,), generator=gen).tolist()
+        pres = _cat([c_p[i] for i in pick])
+        parts_ref.append(pres)
+        parts_tuned.append(pres)
+    with torch.no_grad():
+        ref = net.eps(x, s, parts_ref, tuned=False)
+    tuned = net.eps(x, s, parts_tuned, tuned=True)
+    return ek.surgical_losses(tuned[0], tuned[1], ref[0], ref[1], eta=eta,
+                              eps_preserve=tuned[2] if c_p else None, ref_preserve=ref[2] if c_p else None)
+
+
+def _check(clip, erase, alternative, preserve, steps, batch, trainable, trajectories):
+    if clip is None:
+        raise ValueError(f"{NODE}: connect the CLIP that belongs to the model")
+    erased, alts, kept = er.split_concepts(erase), er.split_concepts(alternative), er.split_concepts(preserve)
+    if not erased:
+        raise ValueError(f"{NODE}: erase is empty; name the concept(s) to erase (';'-separated)")
+    if len(alts) not in (0, 1, len(erased)):
+        raise ValueError(f"{NODE}: alternative has {len(alts)} entries for {len(erased)} erased concept(s); give "
+                         "one for all, one per erased concept, or none (the empty prompt)")
+    alts = alts * len(erased) if len(alts) == 1 else (alts or [""] * len(erased))
+    if trainable not in TRAINABLE:
+        raise ValueError(f"{NODE}: trainable {trainable!r}: choose one of {', '.join(TRAINABLE)}")
+    for name, value in (("steps", steps), ("batch", batch), ("trajectories", trajectories)):
+        if value < 1:
+            raise ValueError(f"{NODE}: {name} must be at least 1, got {value}")
+    return erased, alts, kept

@@ -1,0 +1,176 @@
+"""GL_ConceptErase's code (guiders/erasure.py) in the real host: the shipped demo model (SD1-style EPS UNet with
+its CLIP), a tiny V-prediction SD1.5-like UNet with a 64-wide random CLIP, and the MMDiT families it refuses."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hostutil import run
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def er(host):
+    return host.pack("guiders.erasure")
+
+
+@pytest.fixture(scope="module")
+def demo(host):
+    dm = host.pack("guiders.demo_model")
+    return dm.load_demo_model(REPO / "demo" / "weights" / "demo_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def clip64(host):
+    """A random SD1-style CLIP whose states are 64 wide (the tiny SD1.5 UNets' context width)."""
+    dm = host.pack("guiders.demo_model")
+    from demo import model_config
+    cfg = model_config.model_config()
+    cfg["text"].update(hidden_size=64, intermediate_size=128, num_attention_heads=2, projection_dim=64)
+    cfg["unet"]["context_dim"] = 64
+    _patcher, clip, _vae = dm.build_demo_model(cfg, 3)
+    return clip
+
+
+def _encode(clip, text):
+    import nodes
+    return nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.model_state_dict().items()}
+
+
+def _effective(er, model, key):
+    return er.effective_weight(model, key, model.model_state_dict()[key])
+
+
+def test_the_input_model_is_untouched(er, demo):
+    patcher, clip, _vae = demo
+    pos, neg = _encode(clip, "a red circle"), _encode(clip, "")
+    before_w, before = _weights(patcher), run(patcher, pos, neg, 5.0)
+    erased, edit = er.concept_erase(patcher, clip, erase="circle", alternative="square", protect_uncond=False)
+    changed = run(erased, pos, neg, 5.0)
+    after = run(patcher, pos, neg, 5.0)
+    assert torch.equal(before, after)
+    assert all(torch.equal(v, before_w[k]) for k, v in patcher.model_state_dict().items())
+    assert not torch.equal(changed, before)
+    n_attn2 = sum(1 for k in patcher.model_state_dict() if k.endswith("attn2.to_k.weight"))
+    assert n_attn2 >= 4 and len(edit.deltas) == 2 * n_attn2
+    assert all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in edit.deltas)
+
+
+def test_empty_erase_set_is_no_patch_and_strength_zero_is_the_original(er, demo):
+    patcher, clip, _vae = demo
+    pos, neg = _encode(clip, "a blue circle"), _encode(clip, "")
+    base = run(patcher, pos, neg, 5.0)
+    same, edit = er.concept_erase(patcher, clip, erase=" ; \n")
+    assert edit.deltas == {} and same.patches == patcher.patches
+    assert torch.equal(run(same, pos, neg, 5.0), base)
+    zero, _edit = er.concept_erase(patcher, clip, erase="circle", alternative="square", strength=0.0)
+    assert torch.equal(run(zero, pos, neg, 5.0), base)
+
+
+def test_erased_states_map_to_the_alternative_and_preserved_states_keep_their_outputs(er, demo):
+    patcher, clip, _vae = demo
+    m, edit = er.concept_erase(patcher, clip, erase="circle", alternative="square", preserve="triangle; star",
+                               lam=0.01, erase_scale=1.0, preserve_scale=1.0, protect_uncond=False)
+    c_e, n_e = er.encode(clip, "circle")
+    c_a, n_a = er.encode(clip, "square")
+    for key, delta in edit.deltas.items():
+        w = _effective(er, patcher, key)
+        new = _effective(er, m, key)
+        torch.testing.assert_close(new, w + delta.float(), rtol=1e-3, atol=1e-4)
+        gap_before = torch.linalg.vector_norm(w @ c_e[n_e] - w @ c_a[n_a])
+        gap_after = torch.linalg.vector_norm(new @ c_e[n_e] - w @ c_a[n_a])
+        assert gap_after < 0.05 * gap_before, key
+        for kept in ("triangle", "star"):
+            c_p, n_p = er.encode(clip, kept)
+            moved = torch.linalg.vector_norm((new - w) @ c_p[n_p]) / torch.linalg.vector_norm(w @ c_p[n_p])
+            assert moved < 0.05, (key, kept, float(moved))
+
+
+def test_protect_uncond_keeps_the_unconditional_prediction(er, demo):
+    patcher, clip, _vae = demo
+    empty = _encode(clip, "")
+    base = run(patcher, empty, empty, 1.0, steps=3)           # cfg 1 with "": only the unconditional branch
+    kwargs = dict(erase="circle", alternative="square", token_mode="all", erase_scale=4.0)
+    kept, edit = er.concept_erase(patcher, clip, protect_uncond=True, **kwargs)
+    free, _edit = er.concept_erase(patcher, clip, protect_uncond=False, **kwargs)
+    rel_kept = float((run(kept, empty, empty, 1.0, steps=3) - base).abs().max() / base.abs().max())
+    rel_free = float((run(free, empty, empty, 1.0, steps=3) - base).abs().max() / base.abs().max())
+    assert rel_kept <= 1e-5 and rel_free > 1e-4, (rel_kept, rel_free)
+    assert 0 < edit.metadata["protected_dims"] <= 96 and 0 < edit.metadata["erase_norm_kept"] < 1
+
+
+def test_stacked_edits_are_solved_on_the_effective_weights(er, demo):
+    patcher, clip, _vae = demo
+    first, e1 = er.concept_erase(patcher, clip, erase="circle", alternative="square", protect_uncond=False)
+    second, e2 = er.concept_erase(first, clip, erase="star", alternative="cross", protect_uncond=False)
+    key = next(iter(e1.deltas))
+    assert len(second.patches[key]) == 2 and key not in patcher.patches
+    torch.testing.assert_close(_effective(er, second, key),
+                               _effective(er, patcher, key) + e1.deltas[key] + e2.deltas[key], rtol=1e-3, atol=1e-4)
+    # solved against W + ΔW₁: the same edit solved on the original weights differs
+    _m, alone = er.concept_erase(patcher, clip, erase="star", alternative="cross", protect_uncond=False)
+    assert not torch.allclose(alone.deltas[key], e2.deltas[key])
+
+
+def test_lora_export_reloads_through_the_core_loader(er, demo, tmp_path):
+    import comfy.sd
+    import comfy.utils
+    patcher, clip, _vae = demo
+    erased, edit = er.concept_erase(patcher, clip, erase="circle", alternative="square", strength=0.8,
+                                    token_mode="all_content", templates="object")
+    path, err = er.save_lora(edit, "erase_test", energy=1.0, folder=str(tmp_path))
+    assert path.is_file() and path.suffix == ".safetensors" and err < 1e-5
+    sd, meta = comfy.utils.load_torch_file(str(path), return_metadata=True)
+    assert meta["guidance_lab"] == "concept_erase" and "circle" in meta["settings"]
+    loaded, _clip = comfy.sd.load_lora_for_models(patcher, None, sd, 1.0, 0.0)
+    for key in edit.deltas:
+        torch.testing.assert_close(_effective(er, loaded, key), _effective(er, erased, key), rtol=1e-4, atol=1e-5)
+    pos, neg = _encode(clip, "a red circle"), _encode(clip, "")
+    torch.testing.assert_close(run(loaded, pos, neg, 5.0), run(erased, pos, neg, 5.0), rtol=1e-3, atol=1e-3)
+    # a truncated export reports its error
+    _path, err1 = er.save_lora(edit, "erase_test_r1", rank=1, folder=str(tmp_path))
+    assert err1 > 1e-3
+
+
+def test_v_prediction_unet_with_batch_two(er, tiny, clip64):
+    m = tiny("sd15_v")
+    pos, neg = _encode(clip64, "a photo of a dog"), _encode(clip64, "")
+    base = run(m, pos, neg, 4.0, batch=2)
+    erased, edit = er.concept_erase(m, clip64, erase="dog", alternative="cat", templates="object")
+    out = run(erased, pos, neg, 4.0, batch=2)
+    assert out.shape[0] == 2 and torch.isfinite(out).all() and not torch.equal(out, base)
+    assert len(edit.deltas) == 2 * sum(1 for k in m.model_state_dict() if k.endswith("attn2.to_k.weight"))
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_mmdit_families_get_a_clear_error(er, tiny, clip64, arch):
+    with pytest.raises(ValueError, match=r"GL_ConceptErase: the model \((Flux|SD3)\).*not supported yet"):
+        er.concept_erase(tiny(arch), clip64, erase="dog")
+
+
+def test_bad_inputs_get_clear_errors(er, demo, tiny, clip64):
+    patcher, clip, _vae = demo
+    with pytest.raises(ValueError, match="connect the CLIP"):
+        er.concept_erase(patcher, None, erase="circle")
+    with pytest.raises(ValueError, match="alternative has 2 entries for 3"):
+        er.concept_erase(patcher, clip, erase="a; b; c", alternative="x; y")
+    with pytest.raises(ValueError, match="longer than one text-encoder chunk"):
+        er.concept_erase(patcher, clip, erase="circle " * 80)
+    with pytest.raises(ValueError, match="custom_templates needs one template per line"):
+        er.concept_erase(patcher, clip, erase="circle", templates="custom", custom_templates="a photo")
+    with pytest.raises(ValueError, match="reads 96-wide text states but the CLIP gives 64"):
+        er.concept_erase(patcher, clip64, erase="circle")
+    with pytest.raises(ValueError, match="targets 'Q'"):
+        er.concept_erase(patcher, clip, erase="circle", targets="Q")
+    with pytest.raises(ValueError, match="token mode 'first'"):
+        er.concept_erase(patcher, clip, erase="circle", token_mode="first")
+    _m, empty = er.concept_erase(patcher, clip, erase="")
+    with pytest.raises(ValueError, match="GL_SaveErasureLoRA: the erasure is empty"):
+        er.save_lora(empty, "x")
