@@ -199,7 +199,8 @@ def main(argv=None) -> int:
             nodes.NODE_CLASS_MAPPINGS.pop(name, None)
     info = {"cpu": q._cpu_model(), "cores": os.cpu_count(), "comfy": q._comfy_version(), "rev": q._git_revision(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "wall": time.perf_counter() - wall0, "command": "python bench/erasure.py " + " ".join(argv or sys.argv[1:]),
+            "wall": time.perf_counter() - wall0,
+            "command": " ".join(["python bench/erasure.py", *(argv or sys.argv[1:])]),
             "weights": q.weights_info(weights)}
     write_section(args.out, SECTION, render(rows, timing, info, erased, other, n))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -247,17 +248,21 @@ def render(rows, timing, info, erased, other, n) -> str:
         "\"unconditional\" = empty prompt at cfg 1 (only the unconditional branch runs).", "",
         "| configuration | erased prompts → alternative | erased prompts → original | other prompts: accuracy "
         "(Δ points) | other prompts: pixel Δ | other prompts: feature Δ | unconditional images: max pixel Δ | "
-        "GL_ConceptErase time |",
+        "erasure node time |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         delta = 100 * (r["other_accuracy"] - base["other_accuracy"])
         secs = "—" if r["node_seconds"] is None else f"{r['node_seconds']:.2f} s"
+        if r["key"] == "trained" and r["node_seconds"] is not None:
+            secs = f"≈ {r['node_seconds']:.0f} s (training)"
         lines.append(f"| {r['label']} | {100 * r['as_alternative']:.1f} % | {100 * r['as_original']:.1f} % | "
                      f"{100 * r['other_accuracy']:.1f} % ({delta:+.1f}) | {r['other_pixel']:.4f} | "
                      f"{r['other_feature']:.3f} | {r['uncond_max']:.2e} | {secs} |")
     lines += ["", f"Feature Δ is the mean distance in the evaluator's feature space between an image and the "
               f"unerased model's image of the same seed (for scale: the unerased images lie on average "
-              f"{base['feature_scale']:.3f} from their mean); pixel Δ is in [0, 1] units."]
+              f"{base['feature_scale']:.3f} from their mean); pixel Δ is in [0, 1] units. Node time: the closed "
+              "form's solve (run on its own), or the fine-tuning's training (the first graph's time minus the "
+              "unerased model's)."]
     if timing:
         s = timing["seconds"]
         lines += ["", f"Closed form on an SD1.5-size model (UNet {timing['unet_params'] / 1e6:.0f} M parameters, "

@@ -113,8 +113,13 @@ def _preserve(clip, preserve: list[str], templates: tuple[str, ...], mode: str) 
     return torch.stack(cols, 1) if cols else None
 
 
-def effective_weight(model: comfy.model_patcher.ModelPatcher, key: str, base: torch.Tensor) -> torch.Tensor:
-    """The weight the sampler will use for `key`: the original plus the patches already on `model` (float32)."""
+def effective_weight(model: comfy.model_patcher.ModelPatcher, key: str, state: dict) -> torch.Tensor:
+    """The weight the sampler will use for `key`: the original plus the patches already on `model` (float32).
+
+    `state` is `model.model_state_dict()`. While some clone of the model is loaded its patches are applied to the
+    shared weights in place; the originals are then in the clones' shared `backup`, which is read first."""
+    saved = model.backup.get(key)
+    base = saved.weight if saved is not None else state[key]
     weight = base.detach().to("cpu", torch.float32, copy=True)
     patches = model.patches.get(key)
     if patches:
@@ -163,7 +168,7 @@ def concept_erase(model, clip, *, erase: str, alternative: str = "", preserve: s
     state = model.model_state_dict()
     width = ce.shape[0]
     for key in keys:
-        w = effective_weight(model, key, state[key])
+        w = effective_weight(model, key, state)
         if w.shape[1] != width:
             raise ValueError(f"{NODE}: {key} reads {w.shape[1]}-wide text states but the CLIP gives {width}: "
                              "connect the CLIP of this checkpoint")

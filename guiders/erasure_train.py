@@ -80,9 +80,12 @@ class _Model:
     def __init__(self, patcher, adapters, flow: bool):
         self.model, self.adapters, self.flow = patcher.model, adapters, flow
 
-    def eps(self, x, sigma, parts: list[dict], *, tuned: bool) -> list[torch.Tensor]:
+    def set_tuned(self, on: bool) -> None:
         for a in self.adapters:
-            a.enabled = tuned
+            a.enabled = on
+
+    def eps(self, x, sigma, parts: list[dict], *, tuned: bool) -> list[torch.Tensor]:
+        self.set_tuned(tuned)
         n = len(parts)
         xs, ss = torch.cat([x] * n), torch.cat([sigma] * n)
         d = self.model.apply_model(xs, ss, **_cat(parts)).float()
@@ -133,20 +136,11 @@ def train_erasure(model, clip, latent: dict, *, erase: str, alternative: str = "
     """(a clone of `model` with the trained erasure as weight patches, the GL_ERASURE edit)."""
     t0 = time.perf_counter()
     erased, alts, kept = _check(clip, erase, alternative, preserve, steps, batch, trainable, trajectories)
-    keys = [k for k in model.model_state_dict() if k.startswith("diffusion_model.") and ".attn2." in k
-            and k.endswith(tuple(f".{n}.weight" for n in TRAINABLE[trainable]))]
-    if not keys:
-        er.target_keys(model, "K+V")          # raises the family error
-    import comfy.sample
-    samples = latent.get("samples") if isinstance(latent, dict) else None
-    if not torch.is_tensor(samples) or samples.ndim < 4:
-        raise ValueError(f"{NODE}: latent must be a LATENT (e.g. EmptyLatentImage at the size you sample); it sets "
-                         "the size of the training trajectories")
-    shape = tuple(comfy.sample.fix_empty_latent_channels(model, samples[:1]).shape[1:])
+    keys = _keys(model, trainable)
+    shape = _latent_shape(model, latent)
     flow = coords_for(model.get_model_object("model_sampling"), node=NODE).kind == "flow"
     gen = torch.Generator().manual_seed(seed)
     t = model.clone()
-    history = []
     with torch.inference_mode(False):
         base = t.model_state_dict()
         adapters = {k: _Adapter(base[k], rank, gen) for k in keys}
@@ -154,40 +148,27 @@ def train_erasure(model, clip, latent: dict, *, erase: str, alternative: str = "
             t.add_weight_wrapper(k, a)
         t.model.requires_grad_(False)
         try:
-            comfy.model_management.load_models_gpu([t], memory_required=1e20, force_full_load=True)
+            # text first: encoding loads the CLIP, which must not push the training clone out afterwards
             device = t.load_device
+            x_probe = torch.zeros((1, *shape), device=device)
+            conds = ([_conds(t.model, clip, c, 1, device, x_probe) for c in erased],
+                     [_conds(t.model, clip, a, 1, device, x_probe) for a in alts],
+                     _conds(t.model, clip, "", 1, device, x_probe),
+                     [_conds(t.model, clip, p, 1, device, x_probe) for p in kept])
+            comfy.model_management.load_models_gpu([t], memory_required=1e20, force_full_load=True)
             for a in adapters.values():
                 a.to(device)
             net = _Model(t, list(adapters.values()), flow)
-            ms = t.get_model_object("model_sampling")
-            x_probe = torch.zeros((1, *shape), device=device)
-            c_e = [_conds(t.model, clip, c, 1, device, x_probe) for c in erased]
-            c_a = [_conds(t.model, clip, a, 1, device, x_probe) for a in alts]
-            c_u = _conds(t.model, clip, "", 1, device, x_probe)
-            c_p = [_conds(t.model, clip, p, 1, device, x_probe) for p in kept]
-            net_conds = (c_e, c_a, c_u, c_p)
             pbar = comfy.utils.ProgressBar(trajectories * trajectory_steps * len(erased) + steps)
             with torch.no_grad():
-                for a in adapters.values():
-                    a.enabled = False
-                pool = _trajectories(net, shape, [_rep(c, trajectories) for c in c_e], _rep(c_u, trajectories),
-                                     count=trajectories, steps=trajectory_steps, cfg=trajectory_cfg, gen=gen,
-                                     device=device, model_sampling=ms)
+                net.set_tuned(False)
+                pool = _trajectories(net, shape, [_rep(c, trajectories) for c in conds[0]],
+                                     _rep(conds[2], trajectories), count=trajectories, steps=trajectory_steps,
+                                     cfg=trajectory_cfg, gen=gen, device=device,
+                                     model_sampling=t.get_model_object("model_sampling"))
             pbar.update(trajectories * trajectory_steps * len(erased))
-            params = [p for a in adapters.values() for p in a.parameters()]
-            opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-            with torch.enable_grad():
-                for step in range(steps):
-                    losses = _step(net, pool, net_conds, batch, gen, device, eta)
-                    total = losses["guidance"] + lambda_u * losses["uncond"] + lambda_p * losses["preserve"]
-                    opt.zero_grad(set_to_none=True)
-                    total.backward()
-                    opt.step()
-                    if step % 25 == 0 or step == steps - 1:
-                        history.append([step + 1] + [round(float(losses[n].detach()), 6) for n in ("guidance", "uncond",
-                                                                                           "preserve")])
-                    pbar.update(1)
-                    comfy.model_management.throw_exception_if_processing_interrupted()
+            history = _optimise(net, pool, conds, adapters, pbar, steps=steps, lr=learning_rate, batch=batch,
+                                gen=gen, device=device, eta=eta, lambda_u=lambda_u, lambda_p=lambda_p)
             deltas = {k: a.delta().detach().float().cpu() for k, a in adapters.items()}
         finally:
             for a in adapters.values():
@@ -204,8 +185,45 @@ def train_erasure(model, clip, latent: dict, *, erase: str, alternative: str = "
             "seed": seed, "loss_history": history, "family": type(model.model).__name__,
             "seconds": round(time.perf_counter() - t0, 2)}
     logging.info("%s: %d steps in %.1f s; losses (guidance, uncond, preserve) first %s last %s", NODE, steps,
-                 meta["seconds"], history[0][1:] if history else None, history[-1][1:] if history else None)
+                 meta["seconds"], history[0][1:], history[-1][1:])
     return m, er.ErasureEdit(deltas, 1.0, meta)
+
+
+def _optimise(net, pool, conds, adapters, pbar, *, steps, lr, batch, gen, device, eta, lambda_u, lambda_p) -> list:
+    """AdamW on the adapters; returns [step, L_g, L_u, L_p] every 25 steps and at the last one."""
+    opt = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters()], lr=lr, weight_decay=0.0)
+    history = []
+    with torch.enable_grad():
+        for step in range(steps):
+            losses = _step(net, pool, conds, batch, gen, device, eta)
+            total = losses["guidance"] + lambda_u * losses["uncond"] + lambda_p * losses["preserve"]
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            if step % 25 == 0 or step == steps - 1:
+                history.append([step + 1] + [round(float(losses[n].detach()), 6)
+                                             for n in ("guidance", "uncond", "preserve")])
+            pbar.update(1)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+    return history
+
+
+def _keys(model, trainable: str) -> list[str]:
+    suffixes = tuple(f".{n}.weight" for n in TRAINABLE[trainable])
+    keys = [k for k in model.model_state_dict() if k.startswith("diffusion_model.") and ".attn2." in k
+            and k.endswith(suffixes)]
+    if not keys:
+        er.target_keys(model, "K+V")          # raises the family error
+    return keys
+
+
+def _latent_shape(model, latent) -> tuple:
+    import comfy.sample
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not torch.is_tensor(samples) or samples.ndim < 4:
+        raise ValueError(f"{NODE}: latent must be a LATENT (e.g. EmptyLatentImage at the size you sample); it sets "
+                         "the size of the training trajectories")
+    return tuple(comfy.sample.fix_empty_latent_channels(model, samples[:1]).shape[1:])
 
 
 def _rep(cond: dict, n: int) -> dict:

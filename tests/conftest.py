@@ -17,3 +17,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def host():
     import host as host_module
     return host_module.boot()
+
+
+@pytest.fixture(scope="session")
+def demo_model(host):
+    """The shipped demo model: (ModelPatcher, CLIP, VAE) — an SD1-style EPS UNet with its own CLIP."""
+    dm = host.pack("guiders.demo_model")
+    return dm.load_demo_model(REPO / "demo" / "weights" / "demo_model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def clip64(host):
+    """A random SD1-style CLIP whose states are 64 wide (the tiny SD1.5 UNets' context width)."""
+    from demo import model_config
+    dm = host.pack("guiders.demo_model")
+    cfg = model_config.model_config()
+    cfg["text"].update(hidden_size=64, intermediate_size=128, num_attention_heads=2, projection_dim=64)
+    cfg["unet"]["context_dim"] = 64
+    return dm.build_demo_model(cfg, 3)[1]

@@ -34,3 +34,16 @@ def count_rows(patcher):
         return apply_model(args["input"], args["timestep"], **args["c"])
     m.set_model_unet_function_wrapper(wrapper)
     return m, counter
+
+
+def encode(clip, text: str) -> list:
+    """CLIPTextEncode's conditioning of `text`."""
+    import nodes
+    return nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def original_weights(patcher) -> dict:
+    """The model's own weights, whichever clone is loaded (a loaded clone's patches sit in the shared weights and
+    the originals in the shared backup)."""
+    return {k: (patcher.backup[k].weight if k in patcher.backup else v).clone()
+            for k, v in patcher.model_state_dict().items()}

@@ -36,3 +36,9 @@ def ag(host):
 def nfe(host):
     """guiders.nfe (the pack's NFE counter)."""
     return host.pack("guiders.nfe")
+
+
+@pytest.fixture(scope="session")
+def er(host):
+    """guiders.erasure (GL_ConceptErase, GL_SaveErasureLoRA)."""
+    return host.pack("guiders.erasure")

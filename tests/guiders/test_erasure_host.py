@@ -2,70 +2,35 @@
 its CLIP), a tiny V-prediction SD1.5-like UNet with a 64-wide random CLIP, and the MMDiT families it refuses."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from hostutil import run
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def er(host):
-    return host.pack("guiders.erasure")
-
-
-@pytest.fixture(scope="module")
-def demo(host):
-    dm = host.pack("guiders.demo_model")
-    return dm.load_demo_model(REPO / "demo" / "weights" / "demo_model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def clip64(host):
-    """A random SD1-style CLIP whose states are 64 wide (the tiny SD1.5 UNets' context width)."""
-    dm = host.pack("guiders.demo_model")
-    from demo import model_config
-    cfg = model_config.model_config()
-    cfg["text"].update(hidden_size=64, intermediate_size=128, num_attention_heads=2, projection_dim=64)
-    cfg["unet"]["context_dim"] = 64
-    _patcher, clip, _vae = dm.build_demo_model(cfg, 3)
-    return clip
-
-
-def _encode(clip, text):
-    import nodes
-    return nodes.CLIPTextEncode().encode(clip, text)[0]
-
-
-def _weights(model):
-    return {k: v.clone() for k, v in model.model_state_dict().items()}
+from hostutil import encode
+from hostutil import original_weights, run
 
 
 def _effective(er, model, key):
-    return er.effective_weight(model, key, model.model_state_dict()[key])
+    return er.effective_weight(model, key, model.model_state_dict())
 
 
-def test_the_input_model_is_untouched(er, demo):
-    patcher, clip, _vae = demo
-    pos, neg = _encode(clip, "a red circle"), _encode(clip, "")
-    before_w, before = _weights(patcher), run(patcher, pos, neg, 5.0)
+def test_the_input_model_is_untouched(er, demo_model):
+    patcher, clip, _vae = demo_model
+    pos, neg = encode(clip, "a red circle"), encode(clip, "")
+    before_w, before = original_weights(patcher), run(patcher, pos, neg, 5.0)
     erased, edit = er.concept_erase(patcher, clip, erase="circle", alternative="square", protect_uncond=False)
     changed = run(erased, pos, neg, 5.0)
     after = run(patcher, pos, neg, 5.0)
     assert torch.equal(before, after)
-    assert all(torch.equal(v, before_w[k]) for k, v in patcher.model_state_dict().items())
+    assert all(torch.equal(v, before_w[k]) for k, v in original_weights(patcher).items())
     assert not torch.equal(changed, before)
     n_attn2 = sum(1 for k in patcher.model_state_dict() if k.endswith("attn2.to_k.weight"))
     assert n_attn2 >= 4 and len(edit.deltas) == 2 * n_attn2
     assert all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in edit.deltas)
 
 
-def test_empty_erase_set_is_no_patch_and_strength_zero_is_the_original(er, demo):
-    patcher, clip, _vae = demo
-    pos, neg = _encode(clip, "a blue circle"), _encode(clip, "")
+def test_empty_erase_set_is_no_patch_and_strength_zero_is_the_original(er, demo_model):
+    patcher, clip, _vae = demo_model
+    pos, neg = encode(clip, "a blue circle"), encode(clip, "")
     base = run(patcher, pos, neg, 5.0)
     same, edit = er.concept_erase(patcher, clip, erase=" ; \n")
     assert edit.deltas == {} and same.patches == patcher.patches
@@ -74,8 +39,8 @@ def test_empty_erase_set_is_no_patch_and_strength_zero_is_the_original(er, demo)
     assert torch.equal(run(zero, pos, neg, 5.0), base)
 
 
-def test_erased_states_map_to_the_alternative_and_preserved_states_keep_their_outputs(er, demo):
-    patcher, clip, _vae = demo
+def test_erased_states_map_to_the_alternative_and_preserved_states_keep_their_outputs(er, demo_model):
+    patcher, clip, _vae = demo_model
     m, edit = er.concept_erase(patcher, clip, erase="circle", alternative="square", preserve="triangle; star",
                                lam=0.01, erase_scale=1.0, preserve_scale=1.0, protect_uncond=False)
     c_e, n_e = er.encode(clip, "circle")
@@ -93,9 +58,9 @@ def test_erased_states_map_to_the_alternative_and_preserved_states_keep_their_ou
             assert moved < 0.05, (key, kept, float(moved))
 
 
-def test_protect_uncond_keeps_the_unconditional_prediction(er, demo):
-    patcher, clip, _vae = demo
-    empty = _encode(clip, "")
+def test_protect_uncond_keeps_the_unconditional_prediction(er, demo_model):
+    patcher, clip, _vae = demo_model
+    empty = encode(clip, "")
     base = run(patcher, empty, empty, 1.0, steps=3)           # cfg 1 with "": only the unconditional branch
     kwargs = dict(erase="circle", alternative="square", token_mode="all", erase_scale=4.0)
     kept, edit = er.concept_erase(patcher, clip, protect_uncond=True, **kwargs)
@@ -106,8 +71,8 @@ def test_protect_uncond_keeps_the_unconditional_prediction(er, demo):
     assert 0 < edit.metadata["protected_dims"] <= 96 and 0 < edit.metadata["erase_norm_kept"] < 1
 
 
-def test_stacked_edits_are_solved_on_the_effective_weights(er, demo):
-    patcher, clip, _vae = demo
+def test_stacked_edits_are_solved_on_the_effective_weights(er, demo_model):
+    patcher, clip, _vae = demo_model
     first, e1 = er.concept_erase(patcher, clip, erase="circle", alternative="square", protect_uncond=False)
     second, e2 = er.concept_erase(first, clip, erase="star", alternative="cross", protect_uncond=False)
     key = next(iter(e1.deltas))
@@ -119,10 +84,19 @@ def test_stacked_edits_are_solved_on_the_effective_weights(er, demo):
     assert not torch.allclose(alone.deltas[key], e2.deltas[key])
 
 
-def test_lora_export_reloads_through_the_core_loader(er, demo, tmp_path):
+def test_the_edit_does_not_depend_on_which_clone_was_loaded_last(er, demo_model):
+    patcher, clip, _vae = demo_model
+    _m, before = er.concept_erase(patcher, clip, erase="star", alternative="cross", protect_uncond=False)
+    first, _e = er.concept_erase(patcher, clip, erase="circle", alternative="square", protect_uncond=False)
+    run(first, encode(clip, "a star"), encode(clip, ""), 5.0)        # loads `first`: its patches go in place
+    _m, after = er.concept_erase(patcher, clip, erase="star", alternative="cross", protect_uncond=False)
+    assert all(torch.allclose(before.deltas[k], after.deltas[k], rtol=1e-5, atol=1e-7) for k in before.deltas)
+
+
+def test_lora_export_reloads_through_the_core_loader(er, demo_model, tmp_path):
     import comfy.sd
     import comfy.utils
-    patcher, clip, _vae = demo
+    patcher, clip, _vae = demo_model
     erased, edit = er.concept_erase(patcher, clip, erase="circle", alternative="square", strength=0.8,
                                     token_mode="all_content", templates="object")
     path, err = er.save_lora(edit, "erase_test", energy=1.0, folder=str(tmp_path))
@@ -132,7 +106,7 @@ def test_lora_export_reloads_through_the_core_loader(er, demo, tmp_path):
     loaded, _clip = comfy.sd.load_lora_for_models(patcher, None, sd, 1.0, 0.0)
     for key in edit.deltas:
         torch.testing.assert_close(_effective(er, loaded, key), _effective(er, erased, key), rtol=1e-4, atol=1e-5)
-    pos, neg = _encode(clip, "a red circle"), _encode(clip, "")
+    pos, neg = encode(clip, "a red circle"), encode(clip, "")
     torch.testing.assert_close(run(loaded, pos, neg, 5.0), run(erased, pos, neg, 5.0), rtol=1e-3, atol=1e-3)
     # a truncated export reports its error
     _path, err1 = er.save_lora(edit, "erase_test_r1", rank=1, folder=str(tmp_path))
@@ -141,7 +115,7 @@ def test_lora_export_reloads_through_the_core_loader(er, demo, tmp_path):
 
 def test_v_prediction_unet_with_batch_two(er, tiny, clip64):
     m = tiny("sd15_v")
-    pos, neg = _encode(clip64, "a photo of a dog"), _encode(clip64, "")
+    pos, neg = encode(clip64, "a photo of a dog"), encode(clip64, "")
     base = run(m, pos, neg, 4.0, batch=2)
     erased, edit = er.concept_erase(m, clip64, erase="dog", alternative="cat", templates="object")
     out = run(erased, pos, neg, 4.0, batch=2)
@@ -155,8 +129,8 @@ def test_mmdit_families_get_a_clear_error(er, tiny, clip64, arch):
         er.concept_erase(tiny(arch), clip64, erase="dog")
 
 
-def test_bad_inputs_get_clear_errors(er, demo, tiny, clip64):
-    patcher, clip, _vae = demo
+def test_bad_inputs_get_clear_errors(er, demo_model, tiny, clip64):
+    patcher, clip, _vae = demo_model
     with pytest.raises(ValueError, match="connect the CLIP"):
         er.concept_erase(patcher, None, erase="circle")
     with pytest.raises(ValueError, match="alternative has 2 entries for 3"):

@@ -4,14 +4,12 @@ modules are left as they were (also after an interruption), the export reloads, 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from hostutil import run
-
-REPO = Path(__file__).resolve().parents[2]
+from hostutil import encode
+from hostutil import original_weights, run
 
 
 @pytest.fixture(scope="module")
@@ -19,24 +17,8 @@ def ert(host):
     return host.pack("guiders.erasure_train")
 
 
-@pytest.fixture(scope="module")
-def er(host):
-    return host.pack("guiders.erasure")
-
-
-@pytest.fixture(scope="module")
-def demo(host):
-    dm = host.pack("guiders.demo_model")
-    return dm.load_demo_model(REPO / "demo" / "weights" / "demo_model.safetensors")
-
-
 def _latent(channels=3, size=32):
     return {"samples": torch.zeros(1, channels, size, size)}
-
-
-def _encode(clip, text):
-    import nodes
-    return nodes.CLIPTextEncode().encode(clip, text)[0]
 
 
 def _no_weight_functions(patcher) -> bool:
@@ -44,10 +26,10 @@ def _no_weight_functions(patcher) -> bool:
 
 
 @pytest.fixture(scope="module")
-def trained(ert, demo):
-    patcher, clip, _vae = demo
-    before = {k: v.clone() for k, v in patcher.model_state_dict().items()}
-    pos, neg = _encode(clip, "a red circle"), _encode(clip, "")
+def trained(ert, demo_model):
+    patcher, clip, _vae = demo_model
+    before = original_weights(patcher)
+    pos, neg = encode(clip, "a red circle"), encode(clip, "")
     out_before = run(patcher, pos, neg, 5.0)
     with torch.inference_mode():             # as a node runs
         m, edit = ert.train_erasure(patcher, clip, _latent(), erase="circle", alternative="square",
@@ -65,13 +47,13 @@ def test_losses_are_finite_and_the_guidance_loss_falls(trained):
     assert hist[-1][1] < hist[0][1], hist
 
 
-def test_only_adapters_learn_and_the_input_model_is_untouched(trained, demo):
+def test_only_adapters_learn_and_the_input_model_is_untouched(trained, demo_model):
     m, edit, before, out_before = trained
-    patcher, clip, _vae = demo
-    assert all(torch.equal(v, before[k]) for k, v in patcher.model_state_dict().items())
+    patcher, clip, _vae = demo_model
+    assert all(torch.equal(v, before[k]) for k, v in original_weights(patcher).items())
     assert all(not p.requires_grad and p.grad is None for p in patcher.model.parameters())
     assert _no_weight_functions(patcher)
-    pos, neg = _encode(clip, "a red circle"), _encode(clip, "")
+    pos, neg = encode(clip, "a red circle"), encode(clip, "")
     assert torch.equal(run(patcher, pos, neg, 5.0), out_before)
     assert not torch.equal(run(m, pos, neg, 5.0), out_before)
     keys = set(edit.deltas)
@@ -81,39 +63,34 @@ def test_only_adapters_learn_and_the_input_model_is_untouched(trained, demo):
     assert all(torch.linalg.matrix_rank(d) <= 8 for d in edit.deltas.values())
 
 
-def test_trained_erasure_exports_as_a_lora(trained, er, demo, tmp_path):
+def test_trained_erasure_exports_as_a_lora(trained, er, demo_model, tmp_path):
     import comfy.sd
     import comfy.utils
     m, edit, _before, _out = trained
-    patcher, clip, _vae = demo
+    patcher, clip, _vae = demo_model
     path, err = er.save_lora(edit, "trained", rank=8, folder=str(tmp_path))
     assert err < 1e-4
     sd = comfy.utils.load_torch_file(str(path))
     loaded, _c = comfy.sd.load_lora_for_models(patcher, None, sd, 1.0, 0.0)
-    pos, neg = _encode(clip, "a red circle"), _encode(clip, "")
+    pos, neg = encode(clip, "a red circle"), encode(clip, "")
     torch.testing.assert_close(run(loaded, pos, neg, 5.0), run(m, pos, neg, 5.0), rtol=1e-3, atol=1e-3)
 
 
-def test_v_prediction_model_trains_with_batch_two(ert, tiny, host):
-    dm = host.pack("guiders.demo_model")
-    from demo import model_config
-    cfg = model_config.model_config()
-    cfg["text"].update(hidden_size=64, intermediate_size=128, num_attention_heads=2, projection_dim=64)
-    cfg["unet"]["context_dim"] = 64
-    _p, clip, _v = dm.build_demo_model(cfg, 3)
+def test_v_prediction_model_trains_with_batch_two(ert, tiny, clip64):
+    clip = clip64
     m = tiny("sd15_v")
     with torch.inference_mode():
         out, edit = ert.train_erasure(m, clip, _latent(4, 16), erase="dog", alternative="cat", steps=5, batch=2,
                                       trajectories=2, trajectory_steps=3, trainable="attn2 k/v")
     assert edit.deltas and all(k.endswith(("to_k.weight", "to_v.weight")) for k in edit.deltas)
-    pos, neg = _encode(clip, "a dog"), _encode(clip, "")
+    pos, neg = encode(clip, "a dog"), encode(clip, "")
     assert torch.isfinite(run(out, pos, neg, 4.0, batch=2)).all()
     assert _no_weight_functions(m)
 
 
-def test_interrupt_stops_training_and_cleans_up(ert, demo):
+def test_interrupt_stops_training_and_cleans_up(ert, demo_model):
     import comfy.model_management as mm
-    patcher, clip, _vae = demo
+    patcher, clip, _vae = demo_model
     mm.interrupt_current_processing(True)
     try:
         with pytest.raises(mm.InterruptProcessingException), torch.inference_mode():
@@ -124,8 +101,8 @@ def test_interrupt_stops_training_and_cleans_up(ert, demo):
     assert _no_weight_functions(patcher)
 
 
-def test_bad_inputs_get_clear_errors(ert, demo, tiny):
-    patcher, clip, _vae = demo
+def test_bad_inputs_get_clear_errors(ert, demo_model, tiny):
+    patcher, clip, _vae = demo_model
     with pytest.raises(ValueError, match="GL_ConceptEraseTrain: erase is empty"):
         ert.train_erasure(patcher, clip, _latent(), erase=" ")
     with pytest.raises(ValueError, match="latent must be a LATENT"):

@@ -4,18 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def nodes_mod(host):
     return host.pack("nodes.erasure")
-
-
-@pytest.fixture(scope="module")
-def demo(host):
-    dm = host.pack("guiders.demo_model")
-    return dm.load_demo_model(REPO / "demo" / "weights" / "demo_model.safetensors")
 
 
 def _erase(nodes_mod, model, clip, **kw):
@@ -26,8 +18,8 @@ def _erase(nodes_mod, model, clip, **kw):
     return nodes_mod.ConceptErase.execute(model, clip, **args)
 
 
-def test_concept_erase_node_returns_a_patched_clone_and_its_edit(nodes_mod, demo, host):
-    patcher, clip, _vae = demo
+def test_concept_erase_node_returns_a_patched_clone_and_its_edit(nodes_mod, demo_model, host):
+    patcher, clip, _vae = demo_model
     out = _erase(nodes_mod, patcher, clip, targets="V only")
     model, edit = out.result
     er = host.pack("guiders.erasure")
@@ -36,9 +28,9 @@ def test_concept_erase_node_returns_a_patched_clone_and_its_edit(nodes_mod, demo
     assert set(edit.deltas) <= set(model.patches) and not set(edit.deltas) & set(patcher.patches)
 
 
-def test_save_node_writes_a_lora_file_into_the_output_folder(nodes_mod, demo):
+def test_save_node_writes_a_lora_file_into_the_output_folder(nodes_mod, demo_model):
     import folder_paths
-    patcher, clip, _vae = demo
+    patcher, clip, _vae = demo_model
     _model, edit = _erase(nodes_mod, patcher, clip).result
     out = nodes_mod.SaveErasureLoRA.execute(edit, "erasure_test/x", 0, 1.0, "output")
     path = Path(out.result[0])
@@ -56,8 +48,8 @@ def test_save_node_refuses_other_inputs(nodes_mod):
         nodes_mod.SaveErasureLoRA.execute({}, "x", 0, 1.0, "output")
 
 
-def test_train_node_runs_briefly(nodes_mod, demo):
-    patcher, clip, _vae = demo
+def test_train_node_runs_briefly(nodes_mod, demo_model):
+    patcher, clip, _vae = demo_model
     latent = {"samples": torch.zeros(1, 4, 32, 32)}
     with torch.inference_mode():
         out = nodes_mod.ConceptEraseTrain.execute(patcher, clip, latent, "circle", "", "", 3, 1e-3, 4, 1, 1.0, 1.0,
