@@ -24,6 +24,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..kernels import erasure as ek
+from ..kernels.adaptive import noise_from_denoised
 from . import erasure as er
 from .family import coords_for
 
@@ -89,7 +90,8 @@ class _Model:
         n = len(parts)
         xs, ss = torch.cat([x] * n), torch.cat([sigma] * n)
         d = self.model.apply_model(xs, ss, **_cat(parts)).float()
-        return list(ek.eps_from_denoised(xs.float(), d, ss.float(), flow=self.flow).chunk(n))
+        alpha = 1.0 - ss.float() if self.flow else torch.ones_like(ss, dtype=torch.float32)  # x = α·x0 + σ·ε
+        return list(noise_from_denoised(xs, d, ss, alpha).chunk(n))
 
 
 def _trajectories(net: _Model, shape, conds_e, cond_u, *, count, steps, cfg, gen, device, model_sampling):

@@ -127,14 +127,6 @@ def low_rank(delta: torch.Tensor, *, rank: int = 0, energy: float = 0.0) -> tupl
 
 # ------------------------------------------------------------------------- All-but-One style fine-tuning (design)
 
-def eps_from_denoised(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor, *, flow: bool) -> torch.Tensor:
-    """ε of a state x = α·x0 + σ·ε from the denoised prediction: (x − α·D)/σ with α = 1 (EPS, V: variance-exploding
-    states) or α = 1 − σ (flow). sigma is [B]; σ must be > 0."""
-    s = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-    alpha = 1.0 - s if flow else torch.ones_like(s)
-    return (x - alpha * denoised) / s
-
-
 def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).square().flatten(1).mean(1)
 

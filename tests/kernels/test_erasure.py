@@ -133,3 +133,24 @@ def test_low_rank_by_rank_and_by_energy():
     assert err_e <= 0.5 ** 0.5 + 1e-6
     with pytest.raises(ValueError, match="rank > 0 or an energy"):
         ek.low_rank(delta, rank=0, energy=0.0)
+
+
+def test_surgical_losses_values_and_the_stop_gradient():
+    g = torch.Generator().manual_seed(0)
+    e_erase, e_unc, r_alt, r_unc, e_p, r_p = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(6))
+    e_erase.requires_grad_(True)
+    e_unc.requires_grad_(True)
+    out = ek.surgical_losses(e_erase, e_unc, r_alt, r_unc, eta=0.5, eps_preserve=e_p, ref_preserve=r_p)
+    per = lambda a, b: (a - b).square().flatten(1).mean(1).mean()                        # noqa: E731
+    torch.testing.assert_close(out["guidance"], per(e_erase - e_unc, 0.5 * (r_alt - r_unc)))
+    torch.testing.assert_close(out["uncond"], per(e_unc, r_unc))
+    torch.testing.assert_close(out["preserve"], per(e_p, r_p))
+    (grad_unc,) = torch.autograd.grad(out["guidance"], e_unc, allow_unused=True, retain_graph=True)
+    assert grad_unc is None or torch.count_nonzero(grad_unc) == 0                         # sg[ε'(x, ∅)] in L_g
+    (grad_e,) = torch.autograd.grad(out["guidance"], e_erase)
+    assert torch.count_nonzero(grad_e) > 0
+    none = ek.surgical_losses(e_erase, e_unc, r_alt, r_unc)
+    assert float(none["preserve"]) == 0.0
+    # the tuned model equal to the frozen one with the alternative's guidance term: zero loss
+    zero = ek.surgical_losses(r_unc + (r_alt - r_unc), r_unc, r_alt, r_unc)
+    assert float(zero["guidance"]) < 1e-12 and float(zero["uncond"]) == 0.0
