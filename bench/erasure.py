@@ -102,31 +102,19 @@ def graph(settings: dict | None, caption: str, seed: int, batch: int, cfg: float
 
 
 def sd15_size_timing() -> dict:
-    """Seconds of the closed form (defaults, one concept) on an SD1.5-size UNet + CLIP-L, random weights."""
-    import comfy.model_base
+    """Seconds of the closed form (defaults, one concept) on an SD1.5-size UNet + CLIP-L, random weights (the UNet
+    of bench/step_overhead.py)."""
     import comfy.sd
     import comfy.sd1_clip
-    import comfy.supported_models
     import comfy.supported_models_base
-    import comfy.model_patcher
-    h = q.host.boot()
-    tiny_models, erasure = h.pack("guiders.tiny_models"), h.pack("guiders.erasure")
-    unet = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-                adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-                transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
-                use_linear_in_transformer=False, context_dim=768, num_heads=8,
-                transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_temporal_attention=False,
-                use_temporal_resblock=False)
-    with torch.inference_mode(False):
-        model = comfy.model_base.BaseModel(comfy.supported_models.SD15(unet))
-        tiny_models._init_weights(model.diffusion_model, 0)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
-                                               offload_device=torch.device("cpu"))
+    from step_overhead import build_sd15, init_weights
+    erasure = q.host.boot().pack("guiders.erasure")
+    patcher, _config = build_sd15(0)
     clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer,
                                                                          comfy.sd1_clip.SD1ClipModel))
     with torch.inference_mode(False):
-        tiny_models._init_weights(clip.cond_stage_model, 1)
-    unet_params = sum(p.numel() for p in model.diffusion_model.parameters())
+        init_weights(clip.cond_stage_model, 1)
+    unet_params = sum(p.numel() for p in patcher.model.diffusion_model.parameters())
     text_params = sum(p.numel() for p in clip.cond_stage_model.parameters())
     times = []
     for concept in ("Van Gogh", "Monet", "Picasso"):

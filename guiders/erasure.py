@@ -22,6 +22,7 @@ import folder_paths
 from ..kernels import erasure as ek
 
 NODE = "GL_ConceptErase"
+TOKEN_MODES = ek.TOKEN_MODES
 TEMPLATES = {
     "none": ("{}",),
     "object": ("{}", "image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"),

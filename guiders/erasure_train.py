@@ -103,9 +103,9 @@ def _trajectories(net: _Model, shape, conds_e, cond_u, *, count, steps, cfg, gen
         x = model_sampling.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
         for i in range(len(sigmas) - 1):
             s = sigmas[i].expand(count)
-            xs.append(x.cpu())
-            ss.append(s.cpu())
-            ks.append(torch.full((count,), k))
+            xs.append(x)                         # the pool stays on the device: no copy per training step
+            ss.append(s)
+            ks.append(torch.full((count,), k))   # on the CPU: read as a list per step
             with torch.no_grad():
                 c = net.model.apply_model(torch.cat([x, x]), torch.cat([s, s]), **_cat([cond_e, cond_u])).float()
             d_c, d_u = c.chunk(2)
@@ -170,7 +170,7 @@ def train_erasure(model, clip, latent: dict, *, erase: str, alternative: str = "
                                      model_sampling=t.get_model_object("model_sampling"))
             pbar.update(trajectories * trajectory_steps * len(erased))
             history = _optimise(net, pool, conds, adapters, pbar, steps=steps, lr=learning_rate, batch=batch,
-                                gen=gen, device=device, eta=eta, lambda_u=lambda_u, lambda_p=lambda_p)
+                                gen=gen, eta=eta, lambda_u=lambda_u, lambda_p=lambda_p)
             deltas = {k: a.delta().detach().float().cpu() for k, a in adapters.items()}
         finally:
             for a in adapters.values():
@@ -191,13 +191,13 @@ def train_erasure(model, clip, latent: dict, *, erase: str, alternative: str = "
     return m, er.ErasureEdit(deltas, 1.0, meta)
 
 
-def _optimise(net, pool, conds, adapters, pbar, *, steps, lr, batch, gen, device, eta, lambda_u, lambda_p) -> list:
+def _optimise(net, pool, conds, adapters, pbar, *, steps, lr, batch, gen, eta, lambda_u, lambda_p) -> list:
     """AdamW on the adapters; returns [step, L_g, L_u, L_p] every 25 steps and at the last one."""
     opt = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters()], lr=lr, weight_decay=0.0)
     history = []
     with torch.enable_grad():
         for step in range(steps):
-            losses = _step(net, pool, conds, batch, gen, device, eta)
+            losses = _step(net, pool, conds, batch, gen, eta)
             total = losses["guidance"] + lambda_u * losses["uncond"] + lambda_p * losses["preserve"]
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -232,11 +232,11 @@ def _rep(cond: dict, n: int) -> dict:
     return {k: torch.cat([v] * n) for k, v in cond.items()}
 
 
-def _step(net: _Model, pool, conds, batch: int, gen: torch.Generator, device, eta: float) -> dict:
+def _step(net: _Model, pool, conds, batch: int, gen: torch.Generator, eta: float) -> dict:
     xs, ss, ks = pool
     c_e, c_a, c_u, c_p = conds
     idx = torch.randint(0, len(xs), (batch,), generator=gen)
-    x, s, k = xs[idx].to(device), ss[idx].to(device), ks[idx].tolist()
+    x, s, k = xs[idx.to(xs.device)], ss[idx.to(ss.device)], ks[idx].tolist()
     erase_part = _cat([c_e[i] for i in k])
     alt_part = _cat([c_a[i] for i in k])
     uncond_part = _rep(c_u, batch)

@@ -9,7 +9,6 @@ from ..guiders import erasure_train as ert
 from ._registry import register
 
 ErasureType = io.Custom("GL_ERASURE")
-TOKEN_MODES = ("last_content", "all_content", "all")
 
 
 @register
@@ -53,7 +52,7 @@ class ConceptErase(io.ComfyNode):
                 io.Float.Input("lam", default=0.5, min=0.001, max=100.0, step=0.01, tooltip=(
                     "λ: weight of keeping the old projection in every direction (the regulariser). Lower = a "
                     "stronger, less local edit. Paper default 0.5.")),
-                io.Combo.Input("token_mode", options=list(TOKEN_MODES), default="last_content", tooltip=(
+                io.Combo.Input("token_mode", options=list(er.TOKEN_MODES), default="last_content", tooltip=(
                     "Which token states carry the concept: last_content = the last token of the concept (UCE; "
                     "causal text encoders gather the whole phrase there); all_content (design) = every token of "
                     "it, paired with the alternative's from the end; all (design) = all positions, end and "
