@@ -1,5 +1,6 @@
 """GL_ConceptEraseTrain: All-but-One style fine-tuning (kernels.erasure.surgical_losses; the loss is the
-reconstruction of methods.md §12.2, a labelled DESIGN) of LoRA adapters on the cross-attention projections.
+reconstruction of methods.md §12.2, a labelled DESIGN) of LoRA adapters on the projections that read the text
+(UNets: cross-attention; SD3/Flux: the text input projections or the text stream's q/k/v).
 
 1. Trajectories: the frozen model samples `trajectories` images per erased concept (Euler, CFG, its own σ
    schedule); every intermediate state (x_t, σ_t) goes into the training pool, so the layouts the model really
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 
 import torch
@@ -29,7 +31,10 @@ from . import erasure as er
 from .family import coords_for
 
 NODE = "GL_ConceptEraseTrain"
-TRAINABLE = {"attn2 q/k/v/out": ("to_q", "to_k", "to_v", "to_out.0"), "attn2 k/v": ("to_k", "to_v")}
+TRAINABLE = ("auto", "attn2 q/k/v/out", "attn2 k/v", "text input (SD3/Flux)", "text stream qkv (SD3/Flux)")
+_UNET_TRAINABLE = {"attn2 q/k/v/out": ("to_q", "to_k", "to_v", "to_out.0"), "attn2 k/v": ("to_k", "to_v")}
+_TEXT_STREAM = {"Flux": re.compile(r"^diffusion_model\.double_blocks\.\d+\.txt_attn\.qkv\.weight$"),
+                "SD3": re.compile(r"^diffusion_model\.joint_blocks\.\d+\.context_block\.attn\.qkv\.weight$")}
 
 
 class _Adapter(torch.nn.Module):
@@ -55,7 +60,7 @@ class _Adapter(torch.nn.Module):
 
 def _conds(model, clip, text: str, batch: int, device, x: torch.Tensor) -> dict:
     """The model's keyword conditioning (c_crossattn and, e.g. for SDXL, y) for `text`, repeated to `batch`."""
-    tokens, _content, _length = er.tokenize_one(clip, text)
+    tokens = er.tokenize_one(clip, text, NODE)
     out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
     kw = {"cross_attn": out["cond"].clone(), "device": device, "noise": x}
     if out.get("pooled_output") is not None:
@@ -65,8 +70,8 @@ def _conds(model, clip, text: str, batch: int, device, x: torch.Tensor) -> dict:
     for k, v in extra.items():
         c = v.process_cond(batch_size=batch).cond
         if not torch.is_tensor(c):
-            raise ValueError(f"{NODE}: the model needs a non-tensor conditioning {k!r}; this version trains UNet "
-                             "models whose conditioning is tensors (SD1.x, SD2.x, SDXL)")
+            raise ValueError(f"{NODE}: the model needs a non-tensor conditioning {k!r}; this version trains models "
+                             "whose conditioning is tensors (SD1.x, SD2.x, SDXL, SD3, Flux)")
         out[k] = c.to(device).clone()
     return out
 
@@ -75,11 +80,23 @@ def _cat(parts: list[dict]) -> dict:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-class _Model:
-    """ε predictions of the loaded training clone on a batch with per-part conditionings."""
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return t.clone()
 
-    def __init__(self, patcher, adapters, flow: bool):
-        self.model, self.adapters, self.flow = patcher.model, adapters, flow
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class _Model:
+    """ε predictions of the loaded training clone on a batch with per-part conditionings.
+
+    `copy_saved`: the transformer blocks of some families (Flux) add their residuals in place, which autograd
+    refuses when the tensor was saved for the backward pass; the tensors saved during a tuned forward are then
+    copied (saved-tensor hooks), so the backward sees the values the forward used, at the cost of that memory."""
+
+    def __init__(self, patcher, adapters, flow: bool, copy_saved: bool = False):
+        self.model, self.adapters, self.flow, self.copy_saved = patcher.model, adapters, flow, copy_saved
 
     def set_tuned(self, on: bool) -> None:
         for a in self.adapters:
@@ -89,7 +106,11 @@ class _Model:
         self.set_tuned(tuned)
         n = len(parts)
         xs, ss = torch.cat([x] * n), torch.cat([sigma] * n)
-        d = self.model.apply_model(xs, ss, **_cat(parts)).float()
+        if self.copy_saved and tuned and torch.is_grad_enabled():
+            with torch.autograd.graph.saved_tensors_hooks(_copy, _same):
+                d = self.model.apply_model(xs, ss, **_cat(parts)).float()
+        else:
+            d = self.model.apply_model(xs, ss, **_cat(parts)).float()
         alpha = 1.0 - ss.float() if self.flow else torch.ones_like(ss, dtype=torch.float32)  # x = α·x0 + σ·ε
         return list(noise_from_denoised(xs, d, ss, alpha).chunk(n))
 
@@ -134,11 +155,11 @@ def _unload(patcher) -> None:
 def train_erasure(model, clip, latent: dict, *, erase: str, alternative: str = "", preserve: str = "",
                   steps: int = 500, learning_rate: float = 1e-4, rank: int = 8, batch: int = 2, eta: float = 1.0,
                   lambda_u: float = 1.0, lambda_p: float = 0.5, trajectories: int = 16, trajectory_steps: int = 30,
-                  trajectory_cfg: float = 5.0, trainable: str = "attn2 q/k/v/out", seed: int = 0):
+                  trajectory_cfg: float = 5.0, trainable: str = "auto", seed: int = 0):
     """(a clone of `model` with the trained erasure as weight patches, the GL_ERASURE edit)."""
     t0 = time.perf_counter()
     erased, alts, kept = _check(clip, erase, alternative, preserve, steps, batch, trainable, trajectories)
-    keys = _keys(model, trainable)
+    keys, family = _keys(model, clip, trainable)
     shape = _latent_shape(model, latent)
     flow = coords_for(model.get_model_object("model_sampling"), node=NODE).kind == "flow"
     gen = torch.Generator().manual_seed(seed)
@@ -160,7 +181,7 @@ def train_erasure(model, clip, latent: dict, *, erase: str, alternative: str = "
             comfy.model_management.load_models_gpu([t], memory_required=1e20, force_full_load=True)
             for a in adapters.values():
                 a.to(device)
-            net = _Model(t, list(adapters.values()), flow)
+            net = _Model(t, list(adapters.values()), flow, copy_saved=family != "UNet")
             pbar = comfy.utils.ProgressBar(trajectories * trajectory_steps * len(erased) + steps)
             with torch.no_grad():
                 net.set_tuned(False)
@@ -192,31 +213,60 @@ def train_erasure(model, clip, latent: dict, *, erase: str, alternative: str = "
 
 
 def _optimise(net, pool, conds, adapters, pbar, *, steps, lr, batch, gen, eta, lambda_u, lambda_p) -> list:
-    """AdamW on the adapters; returns [step, L_g, L_u, L_p] every 25 steps and at the last one."""
+    """AdamW on the adapters. Returns [step, L_g, L_u, L_p] measured on a fixed probe set of pool states (the
+    same states, conditionings and weights every time, so the rows compare): before the first step (step 0),
+    every 25 steps and after the last."""
     opt = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters()], lr=lr, weight_decay=0.0)
-    history = []
+    probe = _draw(pool, conds, min(len(pool[0]), max(2 * batch, 8)), torch.Generator().manual_seed(7))
+    history = [_probe(net, pool, conds, probe, batch, eta, 0)]
     with torch.enable_grad():
         for step in range(steps):
-            losses = _step(net, pool, conds, batch, gen, eta)
+            losses = _losses(net, pool, conds, _draw(pool, conds, batch, gen), eta)
             total = losses["guidance"] + lambda_u * losses["uncond"] + lambda_p * losses["preserve"]
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
-            if step % 25 == 0 or step == steps - 1:
-                history.append([step + 1] + [round(float(losses[n].detach()), 6)
-                                             for n in ("guidance", "uncond", "preserve")])
+            if (step + 1) % 25 == 0 or step == steps - 1:
+                history.append(_probe(net, pool, conds, probe, batch, eta, step + 1))
             pbar.update(1)
             comfy.model_management.throw_exception_if_processing_interrupted()
     return history
 
 
-def _keys(model, trainable: str) -> list[str]:
-    suffixes = tuple(f".{n}.weight" for n in TRAINABLE[trainable])
-    keys = [k for k in model.model_state_dict() if k.startswith("diffusion_model.") and ".attn2." in k
-            and k.endswith(suffixes)]
-    if not keys:
-        er.target_keys(model, "K+V")          # raises the family error
-    return keys
+def _probe(net, pool, conds, probe, batch: int, eta: float, step: int) -> list:
+    """[step, L_g, L_u, L_p] on the probe draw, evaluated `batch` states at a time (no gradients)."""
+    idx, pick = probe
+    sums, n = {"guidance": 0.0, "uncond": 0.0, "preserve": 0.0}, len(idx)
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            part = (idx[i:i + batch], None if pick is None else pick[i:i + batch])
+            losses = _losses(net, pool, conds, part, eta)
+            for name in sums:
+                sums[name] += float(losses[name]) * len(part[0])
+    return [step] + [round(sums[name] / n, 6) for name in ("guidance", "uncond", "preserve")]
+
+
+def _keys(model, clip, trainable: str) -> tuple[list[str], str]:
+    """The weights the adapters train: UNet cross-attention projections, or on SD3/Flux the text input
+    projections or the text stream's fused q/k/v in every joint block."""
+    family = er.family_of(model, "K+V", clip, NODE)
+    state = model.model_state_dict()
+    er.check_text(model, clip, family, state, NODE)
+    if trainable == "auto":
+        trainable = "attn2 q/k/v/out" if family.name == "UNet" else "text stream qkv (SD3/Flux)"
+    if family.name == "UNet":
+        if trainable not in _UNET_TRAINABLE:
+            raise ValueError(f"{NODE}: trainable {trainable!r} is for SD3/Flux; on this UNet model choose "
+                             f"{' or '.join(_UNET_TRAINABLE)}")
+        suffixes = tuple(f".{n}.weight" for n in _UNET_TRAINABLE[trainable])
+        keys = [k for k in state if k.startswith("diffusion_model.") and ".attn2." in k and k.endswith(suffixes)]
+        return keys, family.name
+    if trainable == "text input (SD3/Flux)":
+        return list(family.keys), family.name
+    if trainable == "text stream qkv (SD3/Flux)":
+        return sorted(k for k in state if _TEXT_STREAM[family.name].match(k)), family.name
+    raise ValueError(f"{NODE}: trainable {trainable!r} names UNet cross-attention, which {family.name} does not have; "
+                     "choose 'text input (SD3/Flux)' or 'text stream qkv (SD3/Flux)'")
 
 
 def _latent_shape(model, latent) -> tuple:
@@ -232,18 +282,25 @@ def _rep(cond: dict, n: int) -> dict:
     return {k: torch.cat([v] * n) for k, v in cond.items()}
 
 
-def _step(net: _Model, pool, conds, batch: int, gen: torch.Generator, eta: float) -> dict:
+def _draw(pool, conds, n: int, gen: torch.Generator) -> tuple:
+    """`n` pool indices and, when there are preserved concepts, which one each state is paired with."""
+    idx = torch.randint(0, len(pool[0]), (n,), generator=gen)
+    pick = torch.randint(0, len(conds[3]), (n,), generator=gen) if conds[3] else None
+    return idx, pick
+
+
+def _losses(net: _Model, pool, conds, draw: tuple, eta: float) -> dict:
     xs, ss, ks = pool
     c_e, c_a, c_u, c_p = conds
-    idx = torch.randint(0, len(xs), (batch,), generator=gen)
+    idx, pick = draw
     x, s, k = xs[idx.to(xs.device)], ss[idx.to(ss.device)], ks[idx].tolist()
+    n = len(k)
     erase_part = _cat([c_e[i] for i in k])
     alt_part = _cat([c_a[i] for i in k])
-    uncond_part = _rep(c_u, batch)
+    uncond_part = _rep(c_u, n)
     parts_ref, parts_tuned = [alt_part, uncond_part], [erase_part, uncond_part]
-    if c_p:
-        pick = torch.randint(0, len(c_p), (batch,), generator=gen).tolist()
-        pres = _cat([c_p[i] for i in pick])
+    if pick is not None:
+        pres = _cat([c_p[i] for i in pick.tolist()])
         parts_ref.append(pres)
         parts_tuned.append(pres)
     with torch.no_grad():

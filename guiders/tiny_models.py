@@ -12,7 +12,12 @@ import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
+import comfy.sd
+import comfy.sdxl_clip
 import comfy.supported_models
+import comfy.supported_models_base
+import comfy.text_encoders.flux
+import comfy.text_encoders.sd3_clip
 
 ARCHS = ("sd15_eps", "sd15_v", "sd3", "flux")
 CONTEXT_DIM = {"sd15_eps": 64, "sd15_v": 64, "sd3": 32, "flux": 32}
@@ -86,3 +91,59 @@ def build_conditioning(arch: str, seed: int, *, tokens: int = 4, batch: int = 1)
     if arch == "flux":
         extra["guidance"] = 3.5
     return [[context, extra]]
+
+
+# ------------------------------------------------------------------------- models with their own text encoders
+# The host's own text-encoder classes (SDXLClipModel, SD3ClipModel, FluxClipModel) shrunk through their
+# `<name>_model_config` options, with the real tokenizers, paired with a tiny diffusion model whose text inputs
+# have the widths those encoders produce. SD3's encoder pads CLIP states to 4096 and concatenates them with T5
+# states along the tokens, so its T5 is 4096 wide (one small layer; the embedding table is most of its size).
+
+TEXT_FAMILIES = ("sdxl", "sd3", "flux")
+_CLIP_L = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+           "projection_dim": 32}
+_CLIP_G = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+           "projection_dim": 32}
+_T5 = {"d_ff": 64, "d_kv": 8, "num_heads": 2, "num_layers": 1}
+_SDXL = dict(_SD15, model_channels=64, context_dim=64, use_linear_in_transformer=True, adm_in_channels=32 + 6 * 256,
+             num_classes="sequential")
+
+
+def _text_target(family: str):
+    if family == "sdxl":
+        return comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    if family == "sd3":
+        return comfy.supported_models_base.ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer,
+                                                      comfy.text_encoders.sd3_clip.sd3_clip())
+    return comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer,
+                                                  comfy.text_encoders.flux.flux_clip())
+
+
+def build_text_model(family: str, seed: int = 0) -> tuple[comfy.model_patcher.ModelPatcher, comfy.sd.CLIP]:
+    """(ModelPatcher, CLIP) of a tiny random-weight model of `family` (one of TEXT_FAMILIES) and its text encoder,
+    both float32 on the CPU; the CLIP output feeds the model as in the real family."""
+    if family not in TEXT_FAMILIES:
+        raise ValueError(f"unknown tiny text family {family!r}; choose one of {', '.join(TEXT_FAMILIES)}")
+    t5 = dict(_T5, d_model=4096 if family == "sd3" else 32)
+    cpu = torch.device("cpu")
+    options = {"dtype": torch.float32, "load_device": cpu, "offload_device": cpu, "initial_device": cpu,
+               "clip_l_model_config": dict(_CLIP_L), "clip_g_model_config": dict(_CLIP_G), "t5xxl_model_config": t5}
+    with torch.inference_mode(False):
+        clip = comfy.sd.CLIP(_text_target(family), model_options=options)
+        _init_weights(clip.cond_stage_model, seed + 1)
+        if family == "sdxl":
+            model = comfy.supported_models.SDXL(dict(_SDXL)).get_model({})
+        elif family == "sd3":
+            config = dict(_SD3, adm_in_channels=_CLIP_L["hidden_size"] + _CLIP_G["projection_dim"])
+            config["context_embedder_config"] = {"target": "torch.nn.Linear",
+                                                 "params": {"in_features": 4096, "out_features": 128}}
+            model = comfy.supported_models.SD3(config).get_model({})
+        else:
+            model = comfy.supported_models.Flux(dict(_FLUX, vec_in_dim=_CLIP_L["hidden_size"],
+                                                     context_in_dim=t5["d_model"])).get_model({})
+        _init_weights(model.diffusion_model, seed)
+    model.latent_format = comfy.latent_formats.ChromaRadiance()
+    model.model_config.latent_format = model.latent_format
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    return patcher, clip

@@ -86,22 +86,30 @@ def surviving_fraction(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tens
     return torch.linalg.vector_norm(rest, dim=0) / torch.linalg.vector_norm(c, dim=0).clamp_min(1e-30)
 
 
-def pair_positions(mode: str, erase_content: int, alt_content: int, length: int) -> list[tuple[int, int]]:
+def pair_positions(mode: str, erase_content: int, alt_content: int, length: int,
+                   first: int = 1) -> list[tuple[int, int]]:
     """Token positions (erase prompt, alternative prompt) whose states are paired, for prompts of `length` tokens
-    with a start token at 0 and `erase_content` / `alt_content` content tokens after it.
+    whose `erase_content` / `alt_content` content tokens start at position `first` (1 after a start token, as in
+    CLIP; 0 without one, as in T5).
 
-    last_content: the last content token of each (for an empty prompt, the start token).
+    last_content: the last content token of each (for an empty prompt, the token before the first content
+    position: the start token, or without one the end token at 0).
     all_content (design): content tokens paired from the end; erase tokens beyond the alternative's length pair with
-    its start token.
+    that same fallback token.
     all (design): every position, index by index (a causal text encoder's end and padding states carry the prompt).
     """
     if mode not in TOKEN_MODES:
         raise ValueError(f"token mode {mode!r}: choose one of {', '.join(TOKEN_MODES)}")
+    if first not in (0, 1):
+        raise ValueError(f"first content position must be 0 or 1, got {first}")
     if mode == "all":
         return [(i, i) for i in range(length)]
+
+    def last(content: int, k: int = 0) -> int:
+        return max(first + content - 1 - k, 0)
     if mode == "last_content":
-        return [(erase_content, alt_content)]
-    return [(erase_content - k, max(alt_content - k, 0)) for k in range(erase_content)] or [(0, 0)]
+        return [(last(erase_content), last(alt_content))]
+    return [(last(erase_content, k), last(alt_content, k)) for k in range(erase_content)] or [(last(0), last(0))]
 
 
 def low_rank(delta: torch.Tensor, *, rank: int = 0, energy: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, float]:

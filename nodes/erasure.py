@@ -20,20 +20,24 @@ class ConceptErase(io.ComfyNode):
             display_name="Concept Erase (closed form, UCE)",
             category="Guidance Lab/weights",
             description=(
-                "Erases concepts from a UNet model in one closed-form solve per cross-attention K/V projection "
-                "(Unified Concept Editing, Gandikota et al., WACV 2024, arXiv:2308.14761): the erased concept's "
+                "Erases concepts from a model in one closed-form solve per weight that reads the text (Unified "
+                "Concept Editing, Gandikota et al., WACV 2024, arXiv:2308.14761): UNets (SD1.x, SD2.x, SDXL, the "
+                "demo model): every cross-attention K/V projection; SD3 and Flux: the token input projection "
+                "(context_embedder / txt_in) and the pooled input projection (y_embedder / vector_in), as the UCE "
+                "authors' Flux script does. The erased concept's "
                 "text states are mapped to what the projection gives an alternative concept (the user-chosen "
                 "replacement of All-but-One, Hong et al., AAAI 2024), preserved concepts keep their outputs. The "
                 "edit is added as weight patches on a clone (the input model is untouched; strength scales it; "
                 "stacking two nodes composes; it saves as a LoRA with GL_SaveErasureLoRA). protect_uncond (a "
                 "Guidance Lab design) removes from the update every direction of the unconditional prompts' token "
-                "states, so the unconditional prediction stays the original's (to float rounding). 0 extra NFEs; "
-                "seconds to compute. UNet models (SD1.x, SD2.x, SDXL, the demo model); SD3/Flux are not supported "
-                "yet."),
+                "states (and pooled vectors), so the unconditional prediction stays the original's (to float "
+                "rounding). 0 extra NFEs; seconds to compute. Other families get a clear error."),
             inputs=[
-                io.Model.Input("model", tooltip="The UNet model to edit (it is cloned; the original is unchanged)."),
-                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint: the edit is solved on the text "
-                              "states it produces (CLIP-skip respected: put CLIPSetLastLayer before this node)."),
+                io.Model.Input("model", tooltip="The model to edit: SD1.x, SD2.x, SDXL, SD3 or Flux (it is cloned; "
+                               "the original is unchanged)."),
+                io.Clip.Input("clip", tooltip="The text encoder(s) of the same checkpoint (SD3: CLIP-L/G and/or T5; "
+                              "Flux: CLIP-L + T5): the edit is solved on the text states they produce (CLIP-skip "
+                              "respected: put CLIPSetLastLayer before this node)."),
                 io.String.Input("erase", default="", multiline=True, tooltip=(
                     "Concepts to erase, separated by ';' or new lines (e.g. 'circle' or 'Van Gogh; Monet'). "
                     "Empty = no edit.")),
@@ -64,8 +68,9 @@ class ConceptErase(io.ComfyNode):
                 io.String.Input("custom_templates", default="a {}\na photo of a {}", multiline=True, tooltip=(
                     "templates = custom only: one template per line with '{}' where the concept goes.")),
                 io.Combo.Input("targets", options=list(er.TARGETS), default="K+V", tooltip=(
-                    "Which projections to edit: K+V (default; strongest), K only (where attention looks), V only "
-                    "(what is written).")),
+                    "UNets: which cross-attention projections to edit: K+V (default; strongest), K only (where "
+                    "attention looks), V only (what is written). SD3/Flux: K+V only (= the text input "
+                    "projections: their K/V are computed inside the joint blocks).")),
                 io.Boolean.Input("protect_uncond", default=True, tooltip=(
                     "Remove from the edit every direction spanned by the unconditional prompts' token states, so "
                     "the unconditional branch (and CFG's negative) gives the original prediction. Costs a little "
@@ -150,11 +155,11 @@ class ConceptEraseTrain(io.ComfyNode):
                 "this loss is Guidance Lab's reconstruction (a DESIGN). Training states come from the frozen "
                 "model's own CFG trajectories of the erased prompt. Shows a progress bar and can be interrupted. "
                 "Output: the model with the trained update as weight patches (the input model is untouched) and "
-                "the edit for GL_SaveErasureLoRA. 0 extra NFEs at sampling. UNet models (SD1.x, SD2.x, SDXL, the "
-                "demo model)."),
+                "the edit for GL_SaveErasureLoRA. 0 extra NFEs at sampling. SD1.x, SD2.x, SDXL, the demo model, "
+                "SD3 and Flux."),
             inputs=[
-                io.Model.Input("model", tooltip="The UNet model to fine-tune (a clone is trained; the input stays)."),
-                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
+                io.Model.Input("model", tooltip="The model to fine-tune (a clone is trained; the input stays)."),
+                io.Clip.Input("clip", tooltip="The text encoder(s) of the same checkpoint."),
                 io.Latent.Input("latent", tooltip=(
                     "An empty latent of the size you will sample (e.g. EmptyLatentImage): sets the size of the "
                     "training trajectories; its batch size is ignored.")),
@@ -183,8 +188,11 @@ class ConceptEraseTrain(io.ComfyNode):
                     "Euler steps of each trajectory (every intermediate state is a training state).")),
                 io.Float.Input("trajectory_cfg", default=5.0, min=1.0, max=30.0, step=0.5, tooltip=(
                     "CFG scale of the trajectories (default 5).")),
-                io.Combo.Input("trainable", options=["attn2 q/k/v/out", "attn2 k/v"], default="attn2 q/k/v/out",
-                               tooltip="Which cross-attention projections get LoRA adapters."),
+                io.Combo.Input("trainable", options=list(ert.TRAINABLE), default="auto", tooltip=(
+                    "Which weights get LoRA adapters. auto = attn2 q/k/v/out on UNets, text stream qkv on "
+                    "SD3/Flux. UNets: attn2 q/k/v/out or attn2 k/v (cross-attention). SD3/Flux: text input (the "
+                    "token and pooled input projections) or text stream qkv (the text stream's fused q/k/v in "
+                    "every joint block).")),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip=(
                     "Seed of the adapters' initialisation, the trajectories and the batches.")),
             ],

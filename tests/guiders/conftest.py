@@ -42,3 +42,17 @@ def nfe(host):
 def er(host):
     """guiders.erasure (GL_ConceptErase, GL_SaveErasureLoRA)."""
     return host.pack("guiders.erasure")
+
+
+@pytest.fixture(scope="session")
+def text_model(host):
+    """text_model(family) -> (ModelPatcher, CLIP): a tiny SDXL, SD3 or Flux model with the host's own text
+    encoder classes shrunk to match (cached per family)."""
+    builder = host.pack("guiders.tiny_models")
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = builder.build_text_model(family)
+        return cache[family]
+    return get

@@ -1,5 +1,6 @@
 """GL_ConceptErase's code (guiders/erasure.py) in the real host: the shipped demo model (SD1-style EPS UNet with
-its CLIP), a tiny V-prediction SD1.5-like UNet with a 64-wide random CLIP, and the MMDiT families it refuses."""
+its CLIP), a tiny V-prediction SD1.5-like UNet with a 64-wide random CLIP, and a UNet without cross-attention
+(refused). SDXL, SD3 and Flux: test_erasure_families_host.py."""
 from __future__ import annotations
 
 import pytest
@@ -123,10 +124,21 @@ def test_v_prediction_unet_with_batch_two(er, tiny, clip64):
     assert len(edit.deltas) == 2 * sum(1 for k in m.model_state_dict() if k.endswith("attn2.to_k.weight"))
 
 
-@pytest.mark.parametrize("arch", ["flux", "sd3"])
-def test_mmdit_families_get_a_clear_error(er, tiny, clip64, arch):
-    with pytest.raises(ValueError, match=r"GL_ConceptErase: the model \((Flux|SD3)\).*not supported yet"):
-        er.concept_erase(tiny(arch), clip64, erase="dog")
+def test_a_family_without_text_projections_gets_a_clear_error(er, clip64):
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = comfy.supported_models.SD15({"in_channels": 3, "out_channels": 3, "model_channels": 32,
+                                          "num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [0],
+                                          "transformer_depth_output": [0, 0], "transformer_depth_middle": -1,
+                                          "use_spatial_transformer": False,
+                                          "context_dim": None, "adm_in_channels": None, "image_size": 32})
+    with torch.inference_mode(False):
+        model = comfy.model_base.BaseModel(config)
+    patcher = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"GL_ConceptErase: the model \(BaseModel\) has no UNet cross-attention "
+                                         r"K/V projections .* is not SD3 or Flux"):
+        er.concept_erase(patcher, clip64, erase="dog")
 
 
 def test_bad_inputs_get_clear_errors(er, demo_model, tiny, clip64):
@@ -139,7 +151,7 @@ def test_bad_inputs_get_clear_errors(er, demo_model, tiny, clip64):
         er.concept_erase(patcher, clip, erase="circle " * 80)
     with pytest.raises(ValueError, match="custom_templates needs one template per line"):
         er.concept_erase(patcher, clip, erase="circle", templates="custom", custom_templates="a photo")
-    with pytest.raises(ValueError, match="reads 96-wide text states but the CLIP gives 64"):
+    with pytest.raises(ValueError, match="attn2.to_k.weight reads 96-wide inputs but the CLIP gives 64"):
         er.concept_erase(patcher, clip64, erase="circle")
     with pytest.raises(ValueError, match="targets 'Q'"):
         er.concept_erase(patcher, clip, erase="circle", targets="Q")

@@ -120,6 +120,17 @@ def test_pair_positions():
     assert ek.pair_positions("all", 2, 5, 4) == [(0, 0), (1, 1), (2, 2), (3, 3)]
 
 
+def test_pair_positions_without_start_token():
+    """T5-style sequences: content from position 0, the end token right after it (empty prompt: the end token)."""
+    assert ek.pair_positions("last_content", 3, 1, 77, first=0) == [(2, 0)]
+    assert ek.pair_positions("last_content", 2, 0, 77, first=0) == [(1, 0)]
+    assert ek.pair_positions("all_content", 3, 2, 77, first=0) == [(2, 1), (1, 0), (0, 0)]
+    assert ek.pair_positions("all_content", 0, 0, 77, first=0) == [(0, 0)]
+    assert ek.pair_positions("all", 2, 5, 3, first=0) == [(0, 0), (1, 1), (2, 2)]
+    with pytest.raises(ValueError, match="first content position"):
+        ek.pair_positions("last_content", 1, 1, 77, first=2)
+
+
 def test_low_rank_by_rank_and_by_energy():
     g = torch.Generator().manual_seed(0)
     delta = torch.randn(20, 3, generator=g) @ torch.randn(3, 30, generator=g)              # rank 3
