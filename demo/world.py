@@ -383,15 +383,21 @@ def _sdf(shape: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _coverage(objects: list[dict], size: int) -> torch.Tensor:
-    """Anti-aliased coverage [M, size, size] of the objects (signed distance -> one-pixel linear ramp)."""
+def object_frame(objects: list[dict], size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every pixel centre of a size×size image in each object's unit frame: (u, v) [M, size, size] (the shape's
+    half-extent is 1, rotated with the object) and the radius r [M, 1, 1] (fraction of the image side)."""
     p = torch.tensor([[o["cx"], o["cy"], o["radius"], math.radians(o["rotation"])] for o in objects],
                      dtype=torch.float32)
     cx, cy, r, rot = (p[:, k, None, None] for k in range(4))
     grid = (torch.arange(size, dtype=torch.float32) + 0.5) / size
     dx, dy = grid[None, None, :] - cx, grid[None, :, None] - cy
     cos, sin = torch.cos(rot), torch.sin(rot)
-    u, v = (dx * cos + dy * sin) / r, (dy * cos - dx * sin) / r
+    return (dx * cos + dy * sin) / r, (dy * cos - dx * sin) / r, r
+
+
+def _coverage(objects: list[dict], size: int) -> torch.Tensor:
+    """Anti-aliased coverage [M, size, size] of the objects (signed distance -> one-pixel linear ramp)."""
+    u, v, r = object_frame(objects, size)
     dist = torch.empty(len(objects), size, size)
     shapes = torch.tensor([o["shape_idx"] for o in objects])
     for k, name in enumerate(SHAPES):

@@ -28,6 +28,7 @@ import comfy.utils
 from ..kernels import erasure as ek
 from ..kernels.adaptive import noise_from_denoised
 from . import erasure as er
+from . import training as tr
 from .family import coords_for
 
 NODE = "GL_ConceptEraseTrain"
@@ -59,33 +60,12 @@ class _Adapter(torch.nn.Module):
 
 
 def _conds(model, clip, text: str, batch: int, device, x: torch.Tensor) -> dict:
-    """The model's keyword conditioning (c_crossattn and, e.g. for SDXL, y) for `text`, repeated to `batch`."""
-    tokens = er.tokenize_one(clip, text, NODE)
-    out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
-    kw = {"cross_attn": out["cond"].clone(), "device": device, "noise": x}
-    if out.get("pooled_output") is not None:
-        kw["pooled_output"] = out["pooled_output"].clone()
-    extra = model.extra_conds(**kw)
-    out = {}
-    for k, v in extra.items():
-        c = v.process_cond(batch_size=batch).cond
-        if not torch.is_tensor(c):
-            raise ValueError(f"{NODE}: the model needs a non-tensor conditioning {k!r}; this version trains models "
-                             "whose conditioning is tensors (SD1.x, SD2.x, SDXL, SD3, Flux)")
-        out[k] = c.to(device).clone()
-    return out
+    """The model's keyword conditioning for `text`, repeated to `batch`."""
+    return tr.model_conds(model, clip, er.tokenize_one(clip, text, NODE), batch, device, x, NODE)
 
 
-def _cat(parts: list[dict]) -> dict:
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def _copy(t: torch.Tensor) -> torch.Tensor:
-    return t.clone()
-
-
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
+_cat = tr.cat_conds
+_rep = tr.repeat_conds
 
 
 class _Model:
@@ -106,10 +86,7 @@ class _Model:
         self.set_tuned(tuned)
         n = len(parts)
         xs, ss = torch.cat([x] * n), torch.cat([sigma] * n)
-        if self.copy_saved and tuned and torch.is_grad_enabled():
-            with torch.autograd.graph.saved_tensors_hooks(_copy, _same):
-                d = self.model.apply_model(xs, ss, **_cat(parts)).float()
-        else:
+        with tr.saved_copies(self.copy_saved and tuned):
             d = self.model.apply_model(xs, ss, **_cat(parts)).float()
         alpha = 1.0 - ss.float() if self.flow else torch.ones_like(ss, dtype=torch.float32)  # x = α·x0 + σ·ε
         return list(noise_from_denoised(xs, d, ss, alpha).chunk(n))
@@ -134,22 +111,6 @@ def _trajectories(net: _Model, shape, conds_e, cond_u, *, count, steps, cfg, gen
             x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
             comfy.model_management.throw_exception_if_processing_interrupted()
     return torch.cat(xs), torch.cat(ss), torch.cat(ks)
-
-
-def _unload(patcher) -> None:
-    """Unload the training clone and take its adapters off the shared modules (ComfyUI's unload leaves weight
-    functions in place until the next load; the modules are shared with every clone of the model)."""
-    loaded = comfy.model_management.current_loaded_models
-    for i in reversed(range(len(loaded))):
-        if loaded[i].model is patcher:
-            loaded.pop(i).model_unload()
-    for m in patcher.model.modules():
-        functions = getattr(m, "weight_function", None)
-        if functions and any(isinstance(f, _Adapter) for f in functions):
-            m.weight_function = [f for f in functions if not isinstance(f, _Adapter)]
-            if not m.weight_function and hasattr(m, "prev_comfy_cast_weights"):
-                m.comfy_cast_weights = m.prev_comfy_cast_weights
-                del m.prev_comfy_cast_weights
 
 
 def train_erasure(model, clip, latent: dict, *, erase: str, alternative: str = "", preserve: str = "",
@@ -196,7 +157,7 @@ def train_erasure(model, clip, latent: dict, *, erase: str, alternative: str = "
         finally:
             for a in adapters.values():
                 a.enabled = False
-            _unload(t)
+            tr.unload_wrappers(t, _Adapter)
     m = model.clone()
     applied = m.add_patches({k: (d.to(base[k].dtype),) for k, d in deltas.items()}, 1.0)
     if len(applied) != len(deltas):
@@ -276,10 +237,6 @@ def _latent_shape(model, latent) -> tuple:
         raise ValueError(f"{NODE}: latent must be a LATENT (e.g. EmptyLatentImage at the size you sample); it sets "
                          "the size of the training trajectories")
     return tuple(comfy.sample.fix_empty_latent_channels(model, samples[:1]).shape[1:])
-
-
-def _rep(cond: dict, n: int) -> dict:
-    return {k: torch.cat([v] * n) for k, v in cond.items()}
 
 
 def _draw(pool, conds, n: int, gen: torch.Generator) -> tuple:

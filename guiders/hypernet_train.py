@@ -1,0 +1,363 @@
+"""GL_HypernetworkTrain: end-to-end training of a personalization hypernetwork (kernels/hypernet.py) through the
+frozen diffusion model (methods.md §13, objective DESIGN):
+
+    L(φ) = E_subject E_{x0 ∈ targets} w(σ)·‖D_{θ ⊕ ΔW}(x_σ, σ, c) − x0‖² + λ_reg·Σ_l ‖B_l A_l‖²_F,
+    ΔW = h_φ(reference images of the same subject)
+
+w(σ)·‖D − x0‖² is the family's own training loss (ε-MSE for EPS, velocity MSE for flow, v-MSE for V models:
+kernels.hypernet.denoising_weight), by default with Min-SNR-γ weighting (γ = 5; a design choice of the pack: the
+nearly clean steps, whose loss is mostly noise, would otherwise dominate the gradient), AdamW with a linear warm-up.
+Each step draws `subjects_per_step` subjects; for each, `ref_images` images go
+to the hypernetwork and `target_images` other images of the subject (with their captions) are denoised by the
+model with that subject's ΔW, applied as a weight wrapper on a training clone (`add_weight_wrapper`, under
+`torch.inference_mode(False)`); the base weights never change and the wrappers are taken off afterwards.
+
+Data: "demo subjects" draws textured demo-world objects (demo/subjects.py, split train: a new subject each draw
+from `subjects` of them); "folder" reads one sub-folder per subject (images, captions from a .txt beside each image
+or a caption.txt in the sub-folder, else the empty prompt). Captions are encoded and folder images VAE-encoded
+before training starts, so the text encoder and the VAE never push the training clone out of memory.
+
+The loss history is measured on a fixed probe draw (same subjects, images, noise and σ each time), so its rows
+compare; checkpoints are written every `checkpoint_every` steps; progress bar; interruptible (the shared model is
+left clean).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import comfy.model_management
+import comfy.utils
+
+from ..kernels import hypernet as hk
+from . import hypernet as hn_mod
+from . import training as tr
+from .family import family_name
+
+NODE = "GL_HypernetworkTrain"
+SOURCES = ("demo subjects", "folder")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_KIND = {"eps": "eps", "v_prediction": "v", "flow": "flow"}
+
+
+class _Slot:
+    """Weight wrapper W ↦ W + ΔW of the subject being trained on (ΔW None: the base weight)."""
+
+    def __init__(self):
+        self.delta = None
+
+    def __call__(self, w):
+        if self.delta is None:
+            return w
+        return (w + self.delta.to(w.device).reshape(w.shape)).to(w.dtype)
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+class DemoSubjects:
+    """Textured demo-world subjects (demo/subjects.py, split train), images at `resolution`."""
+
+    CAPTION_VARIANTS = (0, 1)         # "a red circle", "a large red circle": every one is encoded up front
+
+    def __init__(self, count: int, resolution: int, seed: int):
+        from ..demo import subjects, world
+        self.subjects, self.world, self.count, self.size, self.seed = subjects, world, count, resolution, seed
+
+    def captions(self) -> list[str]:
+        w = self.world
+        out = []
+        for color in w.COLORS:
+            for shape in w.SHAPES:
+                out.append(w._noun_phrase(color, shape))
+                out += [w._noun_phrase(size, color, shape) for size in w.SIZES]
+        return out
+
+    def prepare(self, encode) -> None:
+        """Nothing to pre-encode: scenes are rendered per draw (the demo model is pixel-space)."""
+
+    def draw(self, gen: torch.Generator, n_ref: int, n_tgt: int):
+        """(reference images [n_ref, 3, S, S], target images [n_tgt, 3, S, S] in [0, 1], target captions, None)."""
+        subj = self.subjects.subject(int(torch.randint(0, self.count, (1,), generator=gen)))
+        start = int(torch.randint(0, 10_000, (1,), generator=gen))
+        images, _captions, labels = self.subjects.images(subj, start, n_ref + n_tgt, seed=self.seed, size=self.size)
+        variants = torch.randint(0, len(self.CAPTION_VARIANTS), (n_tgt,), generator=gen).tolist()
+        caps = [self.world.caption_for(lab, self.CAPTION_VARIANTS[v]) for lab, v in zip(labels[n_ref:], variants)]
+        return images[:n_ref], images[n_ref:], caps, None
+
+    def views(self, gen: torch.Generator, subjects: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two disjoint sets of n images for each of `subjects` distinct subjects: [subjects, n, 3, S, S] twice."""
+        ids = torch.randperm(self.count, generator=gen)[:subjects].tolist()
+        a, b = [], []
+        for i in ids:
+            start = int(torch.randint(0, 10_000, (1,), generator=gen))
+            images, _c, _l = self.subjects.images(self.subjects.subject(i), start, 2 * n, seed=self.seed,
+                                                  size=self.size)
+            a.append(images[:n])
+            b.append(images[n:])
+        return torch.stack(a), torch.stack(b)
+
+
+class FolderSubjects:
+    """One sub-folder per subject: its images (any size; centre-cropped and resized) and captions."""
+
+    def __init__(self, root: str, resolution: int, *, node: str = NODE):
+        from PIL import Image
+        path = Path(root or "")
+        if not root or not path.is_dir():
+            raise hn_mod.HypernetError(f"{node}: folder {root!r} is not a directory; give a folder with one "
+                                       "sub-folder of images per subject")
+        self.size, self.items = resolution, []
+        for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+            shared = (sub / "caption.txt").read_text().strip() if (sub / "caption.txt").is_file() else ""
+            pics, caps = [], []
+            for f in sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+                with Image.open(f) as im:
+                    arr = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
+                pics.append(hn_mod.subject_images(arr[None], resolution, node=node)[0])
+                txt = f.with_suffix(".txt")
+                caps.append(txt.read_text().strip() if txt.is_file() else shared)
+            if len(pics) >= 2:
+                self.items.append((sub.name, torch.stack(pics), caps))
+        if not self.items:
+            raise hn_mod.HypernetError(f"{node}: no sub-folder of {root!r} holds at least 2 images; each subject "
+                                       "needs reference images and images to denoise")
+
+    def captions(self) -> list[str]:
+        return sorted({c for _name, _pics, caps in self.items for c in caps})
+
+    def prepare(self, encode) -> None:
+        """Encode every image into the model's latents once, before training (`encode`: images → latents)."""
+        self.latents = [encode(pics) for _name, pics, _caps in self.items]
+
+    def draw(self, gen: torch.Generator, n_ref: int, n_tgt: int):
+        k = int(torch.randint(0, len(self.items), (1,), generator=gen))
+        _name, pics, caps = self.items[k]
+        order = torch.randperm(len(pics), generator=gen)
+        refs = order[:max(1, min(n_ref, len(pics) - 1))]
+        rest = order[len(refs):]
+        tgt = rest[torch.randint(0, len(rest), (n_tgt,), generator=gen)]
+        return pics[refs], pics[tgt], [caps[int(i)] for i in tgt], self.latents[k][tgt]
+
+    def views(self, gen: torch.Generator, subjects: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.randperm(len(self.items), generator=gen)[:subjects].tolist()
+        a, b = [], []
+        for k in ids:
+            pics = self.items[k][1]
+            order = torch.randperm(len(pics), generator=gen)
+            half = len(pics) // 2
+            pick = torch.randint(0, half, (n,), generator=gen)
+            a.append(pics[order[:half]][pick])
+            b.append(pics[order[half:2 * half]][pick])
+        return torch.stack(a), torch.stack(b)
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+def _check(steps, lr, subjects_per_step, ref_images, target_images, reg, resolution):
+    for name, value, low in (("steps", steps, 1), ("subjects_per_step", subjects_per_step, 1),
+                             ("ref_images", ref_images, 1), ("target_images", target_images, 1),
+                             ("resolution", resolution, 8)):
+        if value < low:
+            raise hn_mod.HypernetError(f"{NODE}: {name} must be at least {low}, got {value}")
+    if not lr > 0 or reg < 0:
+        raise hn_mod.HypernetError(f"{NODE}: learning_rate must be > 0 and output_reg >= 0; got {lr}, {reg}")
+
+
+def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: str = "", subjects: int = 2000,
+                   layers: str = "attention", rank: int = 2, width: int = 128, depth: int = 2, steps: int = 1000,
+                   learning_rate: float = 3e-4, subjects_per_step: int = 4, ref_images: int = 3,
+                   target_images: int = 4, resolution: int = 32, output_reg: float = 1e-4,
+                   min_snr_gamma: float = 5.0, warmup: int = 50, encoder_pretrain_steps: int = 0,
+                   freeze_encoder: bool = False, seed: int = 0,
+                   checkpoint_every: int = 0, checkpoint_prefix: str = "hypernet/train",
+                   resume: hn_mod.Hypernet | None = None, log=None) -> hn_mod.Hypernet:
+    """Train (or continue training `resume`) a hypernetwork for `model`; returns it (CPU, eval)."""
+    t0 = time.perf_counter()
+    if clip is None or vae is None:
+        raise hn_mod.HypernetError(f"{NODE}: connect the model's CLIP (captions) and VAE (encodes the subject "
+                                   "images into the model's latent space)")
+    if source not in SOURCES:
+        raise hn_mod.HypernetError(f"{NODE}: source {source!r}: choose one of {', '.join(SOURCES)}")
+    _check(steps, learning_rate, subjects_per_step, ref_images, target_images, output_reg, resolution)
+    fam = hn_mod.family(model)
+    if resume is not None:
+        hn_mod.check_model(model, resume, node=NODE)
+        targets, layers = resume.targets, resume.layers
+    else:
+        targets = hn_mod.targets_for(model, layers, node=NODE)
+    data = (DemoSubjects(subjects, resolution, seed) if source == "demo subjects"
+            else FolderSubjects(folder, resolution))
+    ms = model.get_model_object("model_sampling")
+    kind = _KIND.get(family_name(ms))
+    if kind is None:
+        raise hn_mod.HypernetError(f"{NODE}: the model predicts {family_name(ms)}; training supports EPS, "
+                                   "V-prediction and flow models")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.inference_mode(False):
+        if resume is not None:
+            module = hk.HyperNetwork(targets, resume.module.config)
+            module.load_state_dict(resume.module.state_dict())
+        else:
+            with torch.random.fork_rng(devices=[]):          # seeded initialisation; the global RNG is left as it was
+                torch.manual_seed(seed)
+                module = hk.HyperNetwork(targets, {"rank": rank, "width": width, "depth": depth})
+        module.train().requires_grad_(True)
+        img_size = module.config["image_size"]
+        pre = pretrain_encoder(module, data, encoder_pretrain_steps, gen, img_size=img_size, log=log) \
+            if encoder_pretrain_steps > 0 else []
+        if freeze_encoder:
+            module.encoder.requires_grad_(False)
+        t = model.clone()
+        slots = {tg.key: _Slot() for tg in targets}
+        for key, slot in slots.items():
+            t.add_weight_wrapper(key, slot)
+        t.model.requires_grad_(False)
+        device = t.load_device
+        probe_x = torch.zeros((1, *_latent(vae, model, torch.zeros(1, 3, resolution, resolution)).shape[1:]))
+        conds = {c: tr.model_conds(t.model, clip, clip.tokenize(c), 1, device, probe_x, NODE)
+                 for c in data.captions()}
+        data.prepare(lambda images: _latent(vae, model, images))
+        try:
+            comfy.model_management.load_models_gpu([t], memory_required=1e20, force_full_load=True)
+            module.to(device)
+            step_fn = _Stepper(t, module, slots, data, conds, vae, model, kind, ms, device,
+                               n_ref=ref_images, n_tgt=target_images, img_size=img_size, gamma=min_snr_gamma,
+                               copy_saved=fam != "UNet")
+            probe = [step_fn.sample(torch.Generator().manual_seed(seed + 7919)) for _ in range(4)]
+            history = [[0, *step_fn.probe(probe)]]
+            opt = torch.optim.AdamW([q for q in module.parameters() if q.requires_grad], lr=learning_rate,
+                                    weight_decay=0.0)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, warmup)))
+            pbar = comfy.utils.ProgressBar(steps)
+            for step in range(steps):
+                opt.zero_grad(set_to_none=True)
+                for _ in range(subjects_per_step):
+                    loss, pen = step_fn.loss(step_fn.sample(gen))
+                    ((loss + output_reg * pen) / subjects_per_step).backward()
+                torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                if (step + 1) % 25 == 0 or step == steps - 1:
+                    history.append([step + 1, *step_fn.probe(probe)])
+                    if log:
+                        log(f"step {step + 1}: probe loss {history[-1][1]:.5f}, penalty {history[-1][2]:.3g}")
+                if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                    _checkpoint(module, fam, layers, checkpoint_prefix, step + 1)
+                pbar.update(1)
+                comfy.model_management.throw_exception_if_processing_interrupted()
+        finally:
+            for slot in slots.values():
+                slot.delta = None
+            tr.unload_wrappers(t, _Slot)
+        module.cpu().eval().requires_grad_(False)
+    prior = resume.info.get("steps", 0) if resume is not None else 0
+    info = {"steps": prior + steps, "source": source, "subjects": subjects if source == "demo subjects" else
+            len(data.items), "learning_rate": learning_rate, "subjects_per_step": subjects_per_step,
+            "ref_images": ref_images, "target_images": target_images, "resolution": resolution,
+            "output_reg": output_reg, "min_snr_gamma": min_snr_gamma, "warmup": warmup, "seed": seed,
+            "encoder_pretrain_steps": encoder_pretrain_steps, "freeze_encoder": freeze_encoder,
+            "encoder_pretrain_loss": pre[-1][1] if pre else None,
+            "loss_history": history, "base": type(model.model).__name__,
+            "seconds": round(time.perf_counter() - t0, 1)}
+    logging.info("%s: %d steps in %.1f s; probe loss %.5f -> %.5f", NODE, steps, info["seconds"], history[0][1],
+                 history[-1][1])
+    return hn_mod.Hypernet(module, fam, layers, "trained", info)
+
+
+def pretrain_encoder(module: hk.HyperNetwork, data, steps: int, gen: torch.Generator, *, img_size: int,
+                     subjects: int = 64, images: int = 3, lr: float = 1e-3, log=None) -> list:
+    """Subject-contrastive pretraining of the image encoder (design; the stand-in for a frozen pretrained encoder):
+    InfoNCE between two disjoint image sets of each of `subjects` subjects per step. CPU-cheap (no diffusion model
+    call). Returns [step, loss] rows."""
+    params = list(module.encoder.parameters()) + list(module.project.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    device = next(module.parameters()).device
+    pbar = comfy.utils.ProgressBar(steps)
+    rows = []
+    with torch.enable_grad():
+        for step in range(steps):
+            a, b = data.views(gen, subjects, images)
+            a = hk.resize_images(a.flatten(0, 1), img_size).reshape(*a.shape[:2], 3, img_size, img_size)
+            b = hk.resize_images(b.flatten(0, 1), img_size).reshape(*b.shape[:2], 3, img_size, img_size)
+            loss = hk.contrastive_loss(module.subject_embedding(a.to(device)), module.subject_embedding(b.to(device)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if (step + 1) % 50 == 0 or step == steps - 1:
+                rows.append([step + 1, round(float(loss.detach()), 4)])
+                if log:
+                    log(f"encoder pretraining step {step + 1}: contrastive loss {rows[-1][1]:.4f}")
+            pbar.update(1)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+    return rows
+
+
+def _latent(vae, model, images: torch.Tensor) -> torch.Tensor:
+    """Images [N, 3, H, W] in [0, 1] → the model's latent (what the sampler sees, then process_latent_in)."""
+    lat = vae.encode(images.permute(0, 2, 3, 1).contiguous())
+    return model.model.process_latent_in(lat.float())
+
+
+def _checkpoint(module, fam, layers, prefix: str, step: int) -> None:
+    import folder_paths
+    full, name, counter, _sub, _p = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory())
+    path = Path(full) / f"{name}_step{step:06}_{counter:05}_.safetensors"
+    hn_mod.save(hn_mod.Hypernet(module, fam, layers, name, {"steps": step, "checkpoint": True}), path)
+    logging.info("%s: checkpoint %s", NODE, path)
+
+
+class _Stepper:
+    """One subject's loss: predict ΔW from its references, denoise its targets with ΔW in the wrappers."""
+
+    def __init__(self, patcher, module, slots, data, conds, vae, base, kind, ms, device, *, n_ref, n_tgt, img_size,
+                 gamma, copy_saved):
+        self.p, self.module, self.slots, self.data, self.conds = patcher, module, slots, data, conds
+        self.vae, self.base, self.kind, self.ms, self.device = vae, base, kind, ms, device
+        self.n_ref, self.n_tgt, self.img_size, self.gamma, self.copy_saved = n_ref, n_tgt, img_size, gamma, copy_saved
+
+    def sample(self, gen: torch.Generator) -> dict:
+        refs, tgts, caps, x0 = self.data.draw(gen, self.n_ref, self.n_tgt)
+        if x0 is None:
+            x0 = _latent(self.vae, self.base, tgts)
+        u = torch.rand(len(caps), generator=gen) * 0.98 + 0.01
+        sigma = torch.tensor([float(self.ms.percent_to_sigma(float(v))) for v in u])
+        noise = torch.randn(x0.shape, generator=gen)
+        return {"refs": hk.resize_images(refs, self.img_size), "x0": x0, "sigma": sigma, "noise": noise,
+                "caps": caps}
+
+    def loss(self, draw: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.device
+        factors = self.module(draw["refs"][None].to(dev))
+        for key, (b, a) in factors.items():
+            self.slots[key].delta = b[0] @ a[0]
+        x0, sigma, noise = draw["x0"].to(dev), draw["sigma"].to(dev), draw["noise"].to(dev)
+        x = self.ms.noise_scaling(sigma, noise, x0)
+        cond = tr.cat_conds([self.conds[c] for c in draw["caps"]])
+        with tr.saved_copies(self.copy_saved):
+            d = self.p.model.apply_model(x, sigma, **cond).float()
+        err = (d - x0.float()).square().flatten(1).mean(1)
+        sd = float(getattr(self.ms, "sigma_data", 1.0))
+        loss = (hk.denoising_weight(sigma, self.kind, sd, self.gamma) * err).mean()
+        return loss, hk.output_penalty(factors)
+
+    def probe(self, draws: list[dict]) -> list[float]:
+        with torch.no_grad():
+            out = [self.loss(d) for d in draws]
+        for slot in self.slots.values():
+            slot.delta = None
+        return [round(sum(float(x[0]) for x in out) / len(out), 6), round(sum(float(x[1]) for x in out) / len(out), 9)]
+
+
+def save_trained(net: hn_mod.Hypernet, filename_prefix: str, *, output: bool = False) -> Path:
+    """Save as <prefix>_NNNNN_.safetensors to the first gl_hypernetworks folder (GL_HypernetworkLoader lists it) or,
+    with `output`, to ComfyUI's output folder."""
+    import folder_paths
+    root = folder_paths.get_output_directory() if output else hn_mod.folders()[0]
+    full, name, counter, _sub, _p = folder_paths.get_save_image_path(filename_prefix, root)
+    path = hn_mod.save(net, Path(full) / f"{name}_{counter:05}_.safetensors")
+    logging.info("%s: saved %s", NODE, path)
+    return path

@@ -1,0 +1,207 @@
+"""Hypernetwork personalization (methods.md §13; Shrestha, Sharma, Zhou, Kumar, arXiv 2511.03156): a network that
+maps reference images of a subject to low-rank weight updates (LoRA factors) of a frozen diffusion model in one
+forward pass, trained end to end through the adapted model with an L2 penalty on its output.
+
+The paper states the idea (images → LoRA-adapted weights, end-to-end training, output regularisation); its
+encoder, decoder, layer set and rank are not published in a form we could confirm. The architecture here is the
+labelled DESIGN of methods.md (after HyperDreamBooth / HyperLoRA), with a small trainable image encoder in place of
+a frozen CLIP-ViT (no pretrained weights in the pack):
+
+    images [S, n, 3, H, W] in [0, 1]
+      → convolutional encoder → n·(H/4)·(W/4) tokens per subject (every reference image's tokens, concatenated:
+        several images are fused by attention, any n)
+      → decoder: one learned query per (target weight, factor) — 2 per target — refined by `depth` blocks of
+        cross-attention to the image tokens, self-attention among the queries and an MLP
+      → linear heads shared by the targets of one shape: A [r, in] from the A query, B [out, r] from the B query
+    ΔW_l = B_l·A_l (scale 1). The B heads start at zero, so an untrained hypernetwork predicts ΔW = 0 exactly.
+
+The method's design uses a frozen pretrained image encoder; without pretrained weights, the encoder can be
+pretrained on the training subjects with a subject-contrastive objective (InfoNCE between two image sets of each
+subject: `contrastive_loss`) and then frozen — the pack's stand-in for a frozen CLIP/DINO encoder.
+
+Pure torch: no ComfyUI import.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENCODERS = ("conv",)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One weight the hypernetwork adapts: its key and shape [out, in] (a Linear's weight)."""
+
+    key: str
+    out_dim: int
+    in_dim: int
+
+
+def default_config(**overrides) -> dict:
+    """The hypernetwork's hyper-parameters (stored in the file's metadata)."""
+    cfg = {"rank": 2, "width": 128, "depth": 2, "heads": 4, "image_size": 32, "encoder": "conv",
+           "encoder_channels": [32, 64, 128]}
+    unknown = set(overrides) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown hypernetwork settings {sorted(unknown)}; known: {sorted(cfg)}")
+    cfg.update(overrides)
+    return cfg
+
+
+class ConvEncoder(nn.Module):
+    """[N, 3, H, W] in [0, 1] → tokens [N, (H/4)·(W/4), width] with a learned position embedding."""
+
+    def __init__(self, channels: list[int], width: int, image_size: int):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(3, c1, 3, padding=1), nn.GELU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(c2, c3, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(c3, width, 1))
+        side = math.ceil(math.ceil(image_size / 2) / 2)
+        self.pos = nn.Parameter(torch.randn(1, side * side, width) * 0.02)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        f = self.net(images * 2 - 1)
+        return f.flatten(2).transpose(1, 2) + self.pos
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.n1, self.n2, self.n3, self.nt = (nn.LayerNorm(width) for _ in range(4))
+        self.cross = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, q: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        t = self.nt(tokens)
+        h = self.n1(q)
+        q = q + self.cross(h, t, t, need_weights=False)[0]
+        h = self.n2(q)
+        q = q + self.self_attn(h, h, h, need_weights=False)[0]
+        return q + self.mlp(self.n3(q))
+
+
+class HyperNetwork(nn.Module):
+    """Reference images of subjects → LoRA factors {key: (B [S, out, r], A [S, r, in])}."""
+
+    def __init__(self, targets: list[Target], config: dict | None = None):
+        super().__init__()
+        cfg = default_config(**(config or {}))
+        if cfg["encoder"] not in ENCODERS:
+            raise ValueError(f"encoder {cfg['encoder']!r}: choose one of {', '.join(ENCODERS)}")
+        if not targets:
+            raise ValueError("a hypernetwork needs at least one target weight")
+        if cfg["rank"] < 1 or cfg["width"] % cfg["heads"]:
+            raise ValueError(f"rank must be >= 1 and width divisible by heads; got {cfg}")
+        self.config, self.targets = cfg, list(targets)
+        width, r = cfg["width"], cfg["rank"]
+        self.encoder = ConvEncoder(list(cfg["encoder_channels"]), width, cfg["image_size"])
+        self.project = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+        self.queries = nn.Parameter(torch.randn(2 * len(targets), width) * 0.02)
+        self.blocks = nn.ModuleList(_Block(width, cfg["heads"]) for _ in range(cfg["depth"]))
+        self.norm = nn.LayerNorm(width)
+        self.heads_a = nn.ModuleDict({str(d): nn.Linear(width, r * d) for d in sorted({t.in_dim for t in targets})})
+        self.heads_b = nn.ModuleDict({str(d): nn.Linear(width, d * r) for d in sorted({t.out_dim for t in targets})})
+        for head in self.heads_a.values():
+            nn.init.normal_(head.weight, std=width ** -0.5)
+            nn.init.zeros_(head.bias)
+        for head in self.heads_b.values():          # ΔW = 0 before training
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[S, n, 3, H, W] → tokens [S, n·T, width] (all reference images of a subject side by side)."""
+        if images.ndim != 5 or images.shape[2] != 3:
+            raise ValueError(f"reference images must be [subjects, images, 3, H, W]; got {tuple(images.shape)}")
+        size = self.config["image_size"]
+        if images.shape[-2:] != (size, size):
+            raise ValueError(f"reference images must be {size}×{size}; got {tuple(images.shape[-2:])}")
+        s, n = images.shape[:2]
+        tokens = self.encoder(images.reshape(s * n, *images.shape[2:]).float())
+        return tokens.reshape(s, n * tokens.shape[1], tokens.shape[2])
+
+    def subject_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """[S, n, 3, H, W] → [S, width]: the maximum over all reference tokens (the object is a small part of each
+        image: a mean would mostly describe the background) through a small projection head — used to pretrain the
+        encoder contrastively; not part of the factor path."""
+        return self.project(self.encode(images).amax(dim=1))
+
+    def forward(self, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        tokens = self.encode(images)
+        q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        for block in self.blocks:
+            q = block(q, tokens)
+        q = self.norm(q)
+        r, out = self.config["rank"], {}
+        for i, t in enumerate(self.targets):
+            a = self.heads_a[str(t.in_dim)](q[:, 2 * i]).reshape(-1, r, t.in_dim)
+            b = self.heads_b[str(t.out_dim)](q[:, 2 * i + 1]).reshape(-1, t.out_dim, r)
+            out[t.key] = (b, a)
+        return out
+
+
+def contrastive_loss(za: torch.Tensor, zb: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Symmetric InfoNCE between two views of the same subjects: za[i] and zb[i] describe subject i (rows are
+    L2-normalised here); every other row of the batch is a negative."""
+    a, b = F.normalize(za.float(), dim=1), F.normalize(zb.float(), dim=1)
+    logits = a @ b.T / temperature
+    target = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def deltas(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], subject: int = 0) -> dict[str, torch.Tensor]:
+    """ΔW = B·A of one subject for every target."""
+    return {k: b[subject] @ a[subject] for k, (b, a) in factors.items()}
+
+
+def output_penalty(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Σ_l ‖B_l·A_l‖²_F, averaged over subjects (the output regularisation). Computed as tr((BᵀB)(AAᵀ)) without
+    forming ΔW."""
+    total = None
+    for b, a in factors.values():
+        bb = b.float().transpose(1, 2) @ b.float()          # [S, r, r]
+        aa = a.float() @ a.float().transpose(1, 2)          # [S, r, r]
+        term = (bb * aa).sum(dim=(1, 2))
+        total = term if total is None else total + term
+    return total.mean()
+
+
+def denoising_weight(sigma: torch.Tensor, kind: str, sigma_data: float = 1.0,
+                     min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """Weight w(σ) that turns ‖D − x0‖² into the family's training loss: ε-prediction and rectified flow
+    (velocity) both give ‖D − x0‖²/σ² (DERIVED: ε − ε̂ = (D − x0)/σ; v − v̂ = (D − x0)/σ for x = (1−σ)x0 + σε);
+    v-prediction gives (σ² + σ_d²)/(σ·σ_d)².
+
+    min_snr_gamma γ > 0: Min-SNR-γ weighting (Hang et al., ICCV 2023) — the weight is capped at γ·(the weight at
+    SNR = γ) from below-noise steps upward, i.e. multiplied by min(SNR, γ)/SNR with SNR = 1/σ² (σ in the model's
+    VE-normalised scale; for flow, SNR = ((1−σ)/σ)²), so the nearly clean steps, whose loss is mostly noise, do
+    not dominate the gradient."""
+    s = sigma.float()
+    s2 = s ** 2
+    if kind in ("eps", "flow"):
+        w = 1.0 / s2
+    elif kind == "v":
+        w = (s2 + sigma_data ** 2) / (s2 * sigma_data ** 2)
+    else:
+        raise ValueError(f"unknown prediction kind {kind!r} (eps, v, flow)")
+    if min_snr_gamma > 0:
+        snr = ((1 - s) / s) ** 2 if kind == "flow" else 1.0 / s2
+        w = w * torch.clamp(snr, max=min_snr_gamma) / snr
+    return w
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[N, 3, H, W] → [N, 3, size, size] (area-preserving downscale, bilinear upscale), clamped to [0, 1]."""
+    if images.shape[-2:] == (size, size):
+        return images.float().clamp(0, 1)
+    mode = "area" if min(images.shape[-2:]) >= size else "bilinear"
+    kw = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(images.float(), size=(size, size), mode=mode, **kw).clamp(0, 1)

@@ -1,0 +1,220 @@
+"""GL_HypernetworkLoader (→ GL_HYPERNET), GL_Personalize (MODEL + IMAGE + GL_HYPERNET → MODEL, HOOKS) and
+GL_HypernetworkTrain (MODEL, CLIP, VAE → GL_HYPERNET)."""
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from ..guiders import hypernet as hn
+from ..guiders import hypernet_train as ht
+from ._registry import register
+
+HypernetType = io.Custom("GL_HYPERNET")
+DEFAULT_FILE = "demo_hypernet.safetensors"
+DESIGN_NOTE = (
+    "Hypernetwork personalization after Shrestha et al. (arXiv 2511.03156): the paper predicts LoRA weights from "
+    "subject images with a network trained end to end with an output regularisation; its encoder, decoder, layer "
+    "set and rank are not confirmed, so this architecture is Guidance Lab's design (small trainable image encoder "
+    "→ one learned query per target weight and factor → shared linear heads; rank-r LoRA; B heads start at zero).")
+
+
+@register
+class HypernetworkLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        files = hn.files()
+        return io.Schema(
+            node_id="GL_HypernetworkLoader",
+            display_name="Hypernetwork Loader (personalization)",
+            category="Guidance Lab/personalization",
+            description=(
+                "Loads a Guidance Lab personalization hypernetwork (.safetensors with its architecture in the "
+                "metadata) from models/gl_hypernetworks/ (or a 'gl_hypernetworks' entry of extra_model_paths.yaml). "
+                "The pack ships demo_hypernet.safetensors for the demo model. Not the old-style SD hypernetworks of "
+                "core's HypernetworkLoader. " + DESIGN_NOTE),
+            inputs=[io.Combo.Input("hypernetwork", options=files or [DEFAULT_FILE],
+                                   default=DEFAULT_FILE if DEFAULT_FILE in files or not files else files[0],
+                                   tooltip="The hypernetwork file (.safetensors only).")],
+            outputs=[HypernetType.Output(display_name="hypernetwork", tooltip=(
+                "The hypernetwork, with the model family and weights it was trained for."))],
+        )
+
+    @classmethod
+    def validate_inputs(cls, hypernetwork):
+        try:
+            hn.resolve(hypernetwork)
+        except hn.HypernetError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, hypernetwork):
+        try:
+            path = hn.resolve(hypernetwork)
+        except hn.HypernetError:
+            return None
+        return str(path), path.stat().st_mtime_ns
+
+    @classmethod
+    def execute(cls, hypernetwork) -> io.NodeOutput:
+        return io.NodeOutput(hn.load(hn.resolve(hypernetwork)))
+
+
+@register
+class Personalize(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GL_Personalize",
+            display_name="Personalize (hypernetwork → LoRA)",
+            category="Guidance Lab/personalization",
+            description=(
+                "Turns images of a subject into a LoRA for the model in one forward pass of a hypernetwork — no "
+                "per-subject training. Outputs the personalized model (the LoRA as weight patches on a clone; the "
+                "input model is untouched) and the same LoRA as HOOKS for hybrid-model CFG on one model: "
+                "GL_MultiModelGuider, mode hybrid, base model as model, and the prompt with these hooks "
+                "(ConditioningSetProperties) as positive_2 — D_u + cfg·(D_b − D_u) + w_p·(D_personal − D_b). "
+                "Several images are fused by attention over all of them. 0 extra NFEs (hybrid CFG: +1 per step). "
+                + DESIGN_NOTE),
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the hypernetwork was trained for (same family and "
+                               "weights; otherwise a clear error)."),
+                io.Image.Input("images", tooltip=(
+                    "Subject images (a batch; 1 to 64). Any size ≥ 8 px: centre-cropped to a square and resized "
+                    "to the hypernetwork's input size; alpha is dropped.")),
+                HypernetType.Input("hypernetwork", tooltip="From GL_HypernetworkLoader or GL_HypernetworkTrain."),
+                io.Float.Input("strength", default=1.0, min=-5.0, max=5.0, step=0.05, tooltip=(
+                    "LoRA strength for the model and the hooks: 0 = the base model, 1 = the prediction.")),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The personalized model (a patched clone)."),
+                     io.Hooks.Output(display_name="hooks", tooltip=(
+                         "The same LoRA as a hook group, for a conditioning (hybrid-model CFG on one model)."))],
+        )
+
+    @classmethod
+    def execute(cls, model, images, hypernetwork, strength) -> io.NodeOutput:
+        m, hooks, _lora = hn.personalize(model, images, hypernetwork, strength=strength)
+        return io.NodeOutput(m, hooks)
+
+
+@register
+class HypernetworkTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GL_HypernetworkTrain",
+            display_name="Hypernetwork Train (personalization)",
+            category="Guidance Lab/personalization",
+            description=(
+                "Trains a personalization hypernetwork end to end through the frozen model: for each drawn subject, "
+                "reference images → predicted LoRA → the model with that LoRA denoises other images of the subject "
+                "(the family's own loss: ε, v or velocity MSE) + output_reg·Σ‖B·A‖². Data: the demo world's "
+                "textured subjects, or a folder with one sub-folder per subject (images; captions in a .txt beside "
+                "each image or caption.txt). Progress bar; interruptible; checkpoints to the output folder; the "
+                "result is saved under filename_prefix to models/gl_hypernetworks/ (or the output folder). "
+                + DESIGN_NOTE),
+            inputs=[
+                io.Model.Input("model", tooltip="The base model (frozen; a clone is trained through)."),
+                io.Clip.Input("clip", tooltip="Its text encoder (the captions)."),
+                io.Vae.Input("vae", tooltip="Its VAE (encodes the subject images into the model's latents)."),
+                io.Combo.Input("source", options=list(ht.SOURCES), default="demo subjects", tooltip=(
+                    "demo subjects = textured shapes of the demo world (for the demo model); folder = your data.")),
+                io.String.Input("folder", default="", tooltip=(
+                    "source folder: a directory with one sub-folder of images per subject (≥ 2 images each).")),
+                io.Int.Input("subjects", default=2000, min=1, max=1_000_000, tooltip=(
+                    "source demo subjects: how many distinct training subjects to draw from.")),
+                io.Combo.Input("layers", options=list(hn.LAYERS), default="attention + feed-forward", tooltip=(
+                    "Which weights get a predicted LoRA: attention (q/k/v/out of every attention block; SD3/Flux: "
+                    "qkv/proj), + feed-forward (also the MLPs), or cross-attention k/v only (UNets).")),
+                io.Int.Input("rank", default=4, min=1, max=64, tooltip="LoRA rank r (1–4 in the method's design)."),
+                io.Int.Input("width", default=128, min=32, max=1024, step=32, tooltip=(
+                    "Width of the hypernetwork's tokens and queries.")),
+                io.Int.Input("depth", default=2, min=1, max=8, tooltip="Decoder blocks of the hypernetwork."),
+                io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps."),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-5, tooltip=(
+                    "AdamW learning rate (after a 50-step linear warm-up).")),
+                io.Int.Input("subjects_per_step", default=4, min=1, max=256, tooltip=(
+                    "Subjects per optimizer step (gradients accumulated over them).")),
+                io.Int.Input("ref_images", default=3, min=1, max=16, tooltip=(
+                    "Reference images per subject given to the hypernetwork.")),
+                io.Int.Input("target_images", default=4, min=1, max=64, tooltip=(
+                    "Images per subject the personalized model denoises (the loss).")),
+                io.Int.Input("resolution", default=32, min=8, max=2048, step=8, tooltip=(
+                    "Pixel size of the images the model denoises (the demo model: 32).")),
+                io.Float.Input("output_reg", default=1e-4, min=0.0, max=10.0, step=1e-5, tooltip=(
+                    "λ_reg of the output regularisation Σ‖B·A‖²_F.")),
+                io.Int.Input("encoder_pretrain_steps", default=0, min=0, max=1_000_000, tooltip=(
+                    "Before training: pretrain the image encoder to tell subjects apart (contrastive, two image sets "
+                    "per subject; no model calls, fast). 0 = off. The method's design uses a frozen pretrained "
+                    "encoder; this is the pack's stand-in when none is available.")),
+                io.Boolean.Input("freeze_encoder", default=False, tooltip=(
+                    "Keep the image encoder fixed during the main training (use with encoder_pretrain_steps).")),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Initialisation and data order."),
+                io.Int.Input("checkpoint_every", default=0, min=0, max=1_000_000, tooltip=(
+                    "Save a checkpoint to output/hypernet/ every N steps (0 = none).")),
+                io.String.Input("filename_prefix", default="hypernet/trained", tooltip=(
+                    "File name prefix: <prefix>_NNNNN_.safetensors (empty = do not save).")),
+                io.Combo.Input("save_to", options=["gl_hypernetworks", "output"], default="gl_hypernetworks",
+                               tooltip=("gl_hypernetworks = the first models/gl_hypernetworks folder (the loader "
+                                        "lists it after a refresh); output = ComfyUI's output folder.")),
+                HypernetType.Input("resume", optional=True, tooltip=(
+                    "Continue training this hypernetwork (its architecture and layers are kept).")),
+            ],
+            outputs=[HypernetType.Output(display_name="hypernetwork", tooltip="The trained hypernetwork.")],
+            is_experimental=True,
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, source, folder, subjects, layers, rank, width, depth, steps, learning_rate,
+                subjects_per_step, ref_images, target_images, resolution, output_reg, encoder_pretrain_steps,
+                freeze_encoder, seed, checkpoint_every, filename_prefix, save_to="gl_hypernetworks",
+                resume=None) -> io.NodeOutput:
+        net = ht.train_hypernet(
+            model, clip, vae, source=source, folder=folder, subjects=subjects, layers=layers, rank=rank,
+            width=width, depth=depth, steps=steps, learning_rate=learning_rate,
+            subjects_per_step=subjects_per_step, ref_images=ref_images, target_images=target_images,
+            resolution=resolution, output_reg=output_reg, encoder_pretrain_steps=encoder_pretrain_steps,
+            freeze_encoder=freeze_encoder, seed=seed, checkpoint_every=checkpoint_every, resume=resume)
+        history = net.info["loss_history"]
+        text = f"probe loss {history[0][1]:.5f} → {history[-1][1]:.5f} in {net.info['seconds']} s"
+        if filename_prefix.strip():
+            path = ht.save_trained(net, filename_prefix, output=save_to == "output")
+            text += f"; saved {path.name}"
+        return io.NodeOutput(net, ui=ui.PreviewText(text))
+
+
+@register
+class DemoSubjectImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from ..demo import subjects
+        return io.Schema(
+            node_id="GL_DemoSubjectImages",
+            display_name="Demo Subject Images",
+            category="Guidance Lab/demo",
+            description=(
+                "Images of a personalization subject of the demo world: a coarse surface pattern (stripes, "
+                "checkerboard, dots or rings, with its own angle, period and phase) painted on demo-world shapes, "
+                "which the demo model never saw. Feed them to Personalize. split heldout = subjects the shipped "
+                "demo hypernetwork was not trained on."),
+            inputs=[
+                io.Int.Input("subject", default=0, min=0, max=1_000_000, tooltip="Which subject of the split."),
+                io.Combo.Input("split", options=list(subjects.SPLITS), default="heldout", tooltip=(
+                    "train = the hypernetwork's training subjects; heldout = never seen in training.")),
+                io.Int.Input("count", default=3, min=1, max=64, tooltip="How many images."),
+                io.Int.Input("start", default=0, min=0, max=1_000_000, tooltip=(
+                    "First scene index (other start = other shapes, colours and backgrounds, same subject).")),
+                io.Int.Input("size", default=32, min=8, max=512, step=8, tooltip="Image side in pixels."),
+            ],
+            outputs=[io.Image.Output(display_name="images", tooltip="The subject images (IMAGE batch)."),
+                     io.String.Output(display_name="description", tooltip="The subject's pattern and parameters.")],
+        )
+
+    @classmethod
+    def execute(cls, subject, split, count, start, size) -> io.NodeOutput:
+        from ..demo import subjects
+        subj = subjects.subject(subject, split=split)
+        images, _captions, _labels = subjects.images(subj, start, count, size=size)
+        text = (f"{subj['pattern']}, angle {subj['angle']:.0f}°, period {subj['period']:.2f}, "
+                f"phase {subj['phase']:.2f}, duty {subj['duty']:.2f} ({split} subject {subject})")
+        return io.NodeOutput(images.permute(0, 2, 3, 1).contiguous(), text)

@@ -1,0 +1,130 @@
+"""kernels/hypernet.py: shapes, zero output before training, fusion of any number of reference images, the output
+penalty against its definition, the loss weights against the families' losses, input checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import hypernet as hk
+
+TARGETS = [hk.Target("a.to_q.weight", 16, 16), hk.Target("a.to_k.weight", 16, 24), hk.Target("b.to_out.weight", 8, 16)]
+
+
+def _net(seed=0, **cfg):
+    torch.manual_seed(seed)
+    return hk.HyperNetwork(TARGETS, dict(dict(width=32, heads=2, depth=1, image_size=16, encoder_channels=[8, 8, 16]),
+                                         **cfg))
+
+
+def test_factor_shapes_and_zero_delta_before_training():
+    net = _net(rank=3)
+    with torch.no_grad():
+        out = net(torch.rand(2, 3, 3, 16, 16))
+    assert set(out) == {t.key for t in TARGETS}
+    for t in TARGETS:
+        b, a = out[t.key]
+        assert b.shape == (2, t.out_dim, 3) and a.shape == (2, 3, t.in_dim)
+        assert torch.count_nonzero(b) == 0 and torch.count_nonzero(a) > 0      # B heads start at zero
+    assert all(torch.count_nonzero(d) == 0 for d in hk.deltas(out, 1).values())
+    assert float(hk.output_penalty(out)) == 0.0
+    # heads are shared by shape: two in-widths (16, 24), two out-widths (16, 8)
+    assert set(net.heads_a) == {"16", "24"} and set(net.heads_b) == {"8", "16"}
+
+
+def test_any_number_of_reference_images_and_subjects_are_independent():
+    net = _net()
+    for head in net.heads_b.values():
+        torch.nn.init.normal_(head.weight, std=0.1)
+    imgs = torch.rand(3, 4, 3, 16, 16)
+    full = net(imgs)
+    one = net(imgs[1:2])
+    for k in full:
+        torch.testing.assert_close(full[k][0][1:2], one[k][0], rtol=1e-5, atol=1e-6)   # subject 1 alone
+    two = net(imgs[:, :2])                                                            # fewer images: another ΔW
+    assert not torch.allclose(two[TARGETS[0].key][0], full[TARGETS[0].key][0])
+    # fusing the reference set is order-free (attention over all tokens; position embeddings are per image)
+    perm = net(imgs[:, [2, 0, 3, 1]])
+    for k in full:
+        torch.testing.assert_close(perm[k][0], full[k][0], rtol=1e-4, atol=1e-5)
+
+
+def test_output_penalty_is_the_frobenius_norm_of_the_deltas():
+    g = torch.Generator().manual_seed(1)
+    factors = {k: (torch.randn(3, 5, 2, generator=g), torch.randn(3, 2, 7, generator=g)) for k in ("x", "y")}
+    expected = sum(float((factors[k][0][s] @ factors[k][1][s]).square().sum()) for k in factors for s in range(3)) / 3
+    assert float(hk.output_penalty(factors)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradients_reach_every_part():
+    net = _net()
+    out = net(torch.rand(2, 2, 3, 16, 16))
+    loss = sum((b @ a).square().sum() for b, a in out.values()) + sum(b.sum() for b, _a in out.values())
+    loss.backward()
+    assert net.heads_b["16"].weight.grad.abs().sum() > 0
+    assert net.encoder.net[0].weight.grad is not None and net.queries.grad is not None
+
+
+def test_denoising_weight_matches_the_family_losses():
+    g = torch.Generator().manual_seed(2)
+    x0, n, d = (torch.randn(4, 3, 5, 5, generator=g) for _ in range(3))
+    sigma = torch.tensor([0.3, 0.5, 0.9, 2.0])
+    s = sigma[:, None, None, None]
+    err = ((d - x0) ** 2).mean(dim=(1, 2, 3))
+    # eps: x = x0 + σn, ε̂ = (x − D)/σ
+    eps_hat = (x0 + s * n - d) / s
+    torch.testing.assert_close(((n - eps_hat) ** 2).mean(dim=(1, 2, 3)), err * hk.denoising_weight(sigma, "eps"))
+    # flow: x = (1−σ)x0 + σn, ε̂ = (x − (1−σ)D)/σ, v = n − x0, v̂ = ε̂ − D
+    sf = sigma[:3]
+    sfx = sf[:, None, None, None]
+    x = (1 - sfx) * x0[:3] + sfx * n[:3]
+    v_hat = (x - (1 - sfx) * d[:3]) / sfx - d[:3]
+    torch.testing.assert_close((((n[:3] - x0[:3]) - v_hat) ** 2).mean(dim=(1, 2, 3)),
+                               err[:3] * hk.denoising_weight(sf, "flow"), rtol=1e-4, atol=1e-5)
+    # v-prediction (σ_d = 1): the network's v target in c_out units: ‖D − x0‖²·(σ²+1)/σ²
+    assert torch.allclose(hk.denoising_weight(sigma, "v"), (sigma ** 2 + 1) / sigma ** 2)
+    with pytest.raises(ValueError, match="unknown prediction kind"):
+        hk.denoising_weight(sigma, "x0")
+
+
+def test_bad_inputs():
+    net = _net()
+    with pytest.raises(ValueError, match=r"must be 16×16"):
+        net(torch.rand(1, 1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"\[subjects, images, 3, H, W\]"):
+        net(torch.rand(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="at least one target"):
+        hk.HyperNetwork([])
+    with pytest.raises(ValueError, match="unknown hypernetwork settings"):
+        hk.default_config(size=3)
+
+
+def test_resize_images():
+    img = torch.rand(2, 3, 64, 64)
+    small = hk.resize_images(img, 32)
+    torch.testing.assert_close(small, img.reshape(2, 3, 32, 2, 32, 2).mean(dim=(3, 5)))
+    assert hk.resize_images(torch.rand(1, 3, 8, 8), 16).shape == (1, 3, 16, 16)
+
+
+def test_contrastive_loss_matches_its_definition_and_prefers_matched_views():
+    g = torch.Generator().manual_seed(3)
+    za, zb = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    a, b = torch.nn.functional.normalize(za, dim=1), torch.nn.functional.normalize(zb, dim=1)
+    logits = a @ b.T / 0.1
+    want = 0.5 * (-(logits.log_softmax(1).diagonal().mean()) - logits.T.log_softmax(1).diagonal().mean())
+    assert float(hk.contrastive_loss(za, zb)) == pytest.approx(float(want), rel=1e-5)
+    eye = torch.eye(5, 8)
+    assert float(hk.contrastive_loss(eye, eye)) < float(hk.contrastive_loss(eye, eye[[1, 2, 3, 4, 0]]))
+    assert float(hk.contrastive_loss(eye, eye)) == pytest.approx(float(-torch.log(torch.tensor(
+        torch.e ** 10 / (torch.e ** 10 + 4)))), rel=1e-3)          # float32 softmax at e^10
+
+
+def test_subject_embedding_reads_every_reference_image():
+    net = _net()
+    imgs = torch.rand(2, 3, 3, 16, 16)
+    with torch.no_grad():
+        z = net.subject_embedding(imgs)
+        assert z.shape == (2, 32)
+        changed = imgs.clone()
+        changed[0, 2] = torch.rand(3, 16, 16)
+        z2 = net.subject_embedding(changed)
+    assert not torch.allclose(z[0], z2[0]) and torch.allclose(z[1], z2[1])
