@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        window.append(float(loss))
+        window.append(float(loss.detach()))
         if (step + 1) % 100 == 0 or step + 1 == args.steps:
             log(f"step {step + 1}/{args.steps} loss {sum(window) / len(window):.4f} "
                 f"{(time.perf_counter() - t0) / (step + 1):.3f} s/step")
