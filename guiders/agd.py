@@ -62,10 +62,10 @@ def apply_adapters(model, adapters: torch.nn.ModuleDict, omega: float, *, node: 
     """A clone of `model` whose cross-attentions get the adapters' residual at guidance scale ω."""
     want = {n.replace(".", "_") for n in sites(model, node=node)}
     if set(adapters) != want:
-        missing = sorted(want - set(adapters))[:3]
+        example = sorted(want ^ set(adapters))[:3]
         raise AGDError(f"{node}: the adapter was made for another model: its {len(adapters)} sites do not match "
-                       f"this model's {len(want)} cross-attentions (e.g. {missing or sorted(set(adapters) - want)[:3]}); "
-                       "use the base model the adapter was trained on")
+                       f"this model's {len(want)} cross-attentions (e.g. {example}); use the base model the adapter "
+                       "was trained on")
     stash: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def keep(n, context, value, extra_options):
