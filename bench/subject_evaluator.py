@@ -42,15 +42,6 @@ FORMAT = "guidance-lab-subject-evaluator-v2"
 CLASSES = ("flat", *sj.PATTERNS)
 
 
-def _subject(stream: str, index: int) -> dict:
-    """A subject from a named stream (the evaluator's own, disjoint from train/heldout)."""
-    d = world._Draws(f"subject|{stream}|{int(index)}")
-    k = d.choice(len(sj.PATTERNS))
-    return {"pattern": sj.PATTERNS[k], "pattern_idx": k, "angle": d.uniform(0.0, 180.0),
-            "period": d.uniform(*sj.PERIOD), "phase": d.uniform(0.0, 1.0), "duty": d.uniform(*sj.DUTY),
-            "index": int(index), "split": "train"}
-
-
 class SubjectEvaluator(nn.Module):
     def __init__(self, widths=(32, 64, 96), feature_dim: int = 128):
         super().__init__()
@@ -127,7 +118,7 @@ def batch(gen: torch.Generator, n: int, stream: str = "evaluator") -> tuple[torc
             cls.append(0)
             ang.append(math.nan)
         else:
-            s = _subject(stream, int(torch.randint(0, 10**6, (1,), generator=gen)))
+            s = sj.from_stream(stream, int(torch.randint(0, 10**6, (1,), generator=gen)))
             imgs.append(sj.render(s, [lab])[0])
             cls.append(1 + s["pattern_idx"])
             ang.append(s["angle"] + lab["objects"][0]["rotation"] if s["pattern"] == "stripes" else math.nan)

@@ -35,7 +35,13 @@ def subject(index: int, *, split: str = "train") -> dict:
     """The parameters of subject `index` of a split: pattern, pattern_idx, angle (degrees), period, phase, duty."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: choose one of {', '.join(SPLITS)}")
-    d = world._Draws(f"subject|{split}|{int(index)}")
+    return from_stream(split, index, split=split)
+
+
+def from_stream(stream: str, index: int, *, split: str = "train") -> dict:
+    """Subject `index` of a named seeded stream (the splits are streams; an evaluator may use its own, disjoint
+    one); `split` only labels the record (it picks the scene sequence in `scenes`)."""
+    d = world._Draws(f"subject|{stream}|{int(index)}")
     k = d.choice(len(PATTERNS))
     return {"pattern": PATTERNS[k], "pattern_idx": k, "angle": d.uniform(0.0, 180.0),
             "period": d.uniform(*PERIOD), "phase": d.uniform(0.0, 1.0), "duty": d.uniform(*DUTY),

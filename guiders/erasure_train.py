@@ -64,8 +64,6 @@ def _conds(model, clip, text: str, batch: int, device, x: torch.Tensor) -> dict:
     return tr.model_conds(model, clip, er.tokenize_one(clip, text, NODE), batch, device, x, NODE)
 
 
-_cat = tr.cat_conds
-_rep = tr.repeat_conds
 
 
 class _Model:
@@ -87,7 +85,7 @@ class _Model:
         n = len(parts)
         xs, ss = torch.cat([x] * n), torch.cat([sigma] * n)
         with tr.saved_copies(self.copy_saved and tuned):
-            d = self.model.apply_model(xs, ss, **_cat(parts)).float()
+            d = self.model.apply_model(xs, ss, **tr.cat_conds(parts)).float()
         alpha = 1.0 - ss.float() if self.flow else torch.ones_like(ss, dtype=torch.float32)  # x = α·x0 + σ·ε
         return list(noise_from_denoised(xs, d, ss, alpha).chunk(n))
 
@@ -105,7 +103,8 @@ def _trajectories(net: _Model, shape, conds_e, cond_u, *, count, steps, cfg, gen
             ss.append(s)
             ks.append(torch.full((count,), k))   # on the CPU: read as a list per step
             with torch.no_grad():
-                c = net.model.apply_model(torch.cat([x, x]), torch.cat([s, s]), **_cat([cond_e, cond_u])).float()
+                c = net.model.apply_model(torch.cat([x, x]), torch.cat([s, s]),
+                                          **tr.cat_conds([cond_e, cond_u])).float()
             d_c, d_u = c.chunk(2)
             denoised = d_u + cfg * (d_c - d_u)
             x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
@@ -146,9 +145,9 @@ def train_erasure(model, clip, latent: dict, *, erase: str, alternative: str = "
             pbar = comfy.utils.ProgressBar(trajectories * trajectory_steps * len(erased) + steps)
             with torch.no_grad():
                 net.set_tuned(False)
-                pool = _trajectories(net, shape, [_rep(c, trajectories) for c in conds[0]],
-                                     _rep(conds[2], trajectories), count=trajectories, steps=trajectory_steps,
-                                     cfg=trajectory_cfg, gen=gen, device=device,
+                pool = _trajectories(net, shape, [tr.repeat_conds(c, trajectories) for c in conds[0]],
+                                     tr.repeat_conds(conds[2], trajectories), count=trajectories,
+                                     steps=trajectory_steps, cfg=trajectory_cfg, gen=gen, device=device,
                                      model_sampling=t.get_model_object("model_sampling"))
             pbar.update(trajectories * trajectory_steps * len(erased))
             history = _optimise(net, pool, conds, adapters, pbar, steps=steps, lr=learning_rate, batch=batch,
@@ -252,12 +251,12 @@ def _losses(net: _Model, pool, conds, draw: tuple, eta: float) -> dict:
     idx, pick = draw
     x, s, k = xs[idx.to(xs.device)], ss[idx.to(ss.device)], ks[idx].tolist()
     n = len(k)
-    erase_part = _cat([c_e[i] for i in k])
-    alt_part = _cat([c_a[i] for i in k])
-    uncond_part = _rep(c_u, n)
+    erase_part = tr.cat_conds([c_e[i] for i in k])
+    alt_part = tr.cat_conds([c_a[i] for i in k])
+    uncond_part = tr.repeat_conds(c_u, n)
     parts_ref, parts_tuned = [alt_part, uncond_part], [erase_part, uncond_part]
     if pick is not None:
-        pres = _cat([c_p[i] for i in pick.tolist()])
+        pres = tr.cat_conds([c_p[i] for i in pick.tolist()])
         parts_ref.append(pres)
         parts_tuned.append(pres)
     with torch.no_grad():
