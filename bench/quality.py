@@ -123,7 +123,27 @@ def extra_configs() -> list[Config]:
         Config("dyncfg-5", "Dynamic CFG, cfg 5 × (0.5, 1, 2, 3), classifier + clipping", "dyncfg", 5.0,
                "DynCFG cfg5", classifier_scale=1.0),
         Config("dyncfg_clip-5", "Dynamic CFG, cfg 5 × (0.5, 1, 2, 3), clipping only", "dyncfg", 5.0,
-               "DynCFG clip cfg5", classifier_scale=0.0)] + two_model_configs() + fkc_configs() + linear_ag_configs()
+               "DynCFG clip cfg5", classifier_scale=0.0)] + two_model_configs() + fkc_configs() + linear_ag_configs() \
+        + agd_configs() + diffier_configs()
+
+
+def agd_configs() -> list[Config]:
+    """Adapter guidance distillation: the shipped demo_agd adapters at ω, sampled at cfg 1 (one call per step)."""
+    return [Config(f"agd-{w:g}", f"AGD adapters at ω {w:g}, cfg 1 (demo_agd)", "agd", w, f"AGD w{w:g}")
+            for w in (3.0, 5.0, 7.5)]
+
+
+AGD_CONFIGS = "cfg-1,cfg-3,cfg-5,cfg-7.5,agd-3,agd-5,agd-7.5"
+DIFFIER_SCALES = (3.0, 5.0, 7.5, 10.0, 15.0)
+
+
+def diffier_configs() -> list[Config]:
+    """Iterative error reduction (GL_SamplerDiffIER: euler base, K 1, η 0.5, window 0–0.5) across CFG scales."""
+    return [Config(f"diffier-{w:g}", f"DiffIER sampler, cfg {w:g} (euler, K 1, η 0.5, window 0–0.5)", "diffier", w,
+                   f"DiffIER cfg {w:g}") for w in DIFFIER_SCALES]
+
+
+DIFFIER_CONFIGS = ",".join([f"cfg-{w:g}" for w in DIFFIER_SCALES] + [f"diffier-{w:g}" for w in DIFFIER_SCALES])
 
 
 def two_model_configs() -> list[Config]:
@@ -188,6 +208,9 @@ ROW_SETS = {
     "linear-ag": (LINEAR_AG_CONFIGS, "linear_ag_calibrated",
                   "LinearAG with calibrated coefficients on the demo model (CPU)", None),
     "fkc": (FKC_CONFIGS, "fkc_demo", "FKC particles: CFG target and product of experts on the demo model (CPU)", 0.0),
+    "agd": (AGD_CONFIGS, "agd", "Adapter guidance distillation on the demo model (CPU)", None),
+    "diffier": (DIFFIER_CONFIGS, "diffier", "DiffIER sampler (iterative error reduction) across CFG scales on the demo "
+                "model (CPU)", None),
 }
 
 
@@ -430,7 +453,12 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
             inputs.update(classifier=["12", 0], target=classifier_target(prompt))
         g["7"] = {"class_type": "GL_DynamicCFG", "inputs": inputs}
         model = ["7", 0]
-    if cfg.method in ("cfg", "apg", "ag", "linear_ag", "elucd", "dyncfg"):
+    if cfg.method == "agd":
+        g["12"] = {"class_type": "GL_AGDLoader", "inputs": {"adapter": "demo_agd.safetensors"}}
+        g["7"] = {"class_type": "GL_AGDApply", "inputs": {
+            "model": model, "adapter": ["12", 0], "guidance_scale": cfg.scale, "strength": 1.0}}
+        _ksampler(g, ["7", 0], prompt, steps, 1.0, ["3", 0])
+    elif cfg.method in ("cfg", "apg", "ag", "linear_ag", "elucd", "dyncfg"):
         _ksampler(g, model, prompt, steps, cfg.scale, ["3", 0])
     elif cfg.method == "cfgpp":
         g["8"] = {"class_type": "GL_SamplerCFGPP", "inputs": {"sampler_name": "euler", "eta": 1.0, "s_noise": 1.0}}
@@ -479,6 +507,13 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
                 "particles": cfg.particles, "propagation": "ddpm", "resample": "every_step", "kappa": 0.5,
                 "temperature": 1.0, "clamp": 2.0, "start_percent": 0.0, "end_percent": 1.0, "output": "best"}}
             _custom_advanced(g, model, prompt, steps, sampler=False)
+    elif cfg.method == "diffier":
+        g["7"] = {"class_type": "CFGGuider", "inputs": {
+            "model": model, "positive": ["3", 0], "negative": ["4", 0], "cfg": cfg.scale}}
+        g["8"] = {"class_type": "GL_SamplerDiffIER", "inputs": {
+            "sampler_name": "euler", "iterations": 1, "step_size": 0.5, "tolerance": 1e-3, "start_percent": 0.0,
+            "end_percent": 0.5, "objective": "noise energy gap (Guidance Lab design)"}}
+        _custom_advanced(g, model, prompt, steps, sampler=False)
     elif cfg.method == "fkc":
         g["8"] = {"class_type": "GL_SamplerFKC", "inputs": {
             "particles": cfg.particles, "propagation": "ddpm", "resample": "every_step", "kappa": 0.5,
@@ -937,6 +972,43 @@ def fkc_checks(rows: list[dict]) -> list[str]:
     return lines
 
 
+def agd_checks(rows: list[dict]) -> list[str]:
+    """Distilled adapters at ω (cfg 1) against CFG at ω: the issue's targets (Fréchet distance within 5 %, attribute
+    accuracy within 2 points, half the NFEs, ≤ 0.55× the time per image)."""
+    by_key = {r["key"]: r for r in rows}
+    lines = []
+    for r in rows:
+        base = by_key.get("cfg-" + r["key"].split("-", 1)[1]) if r["key"].startswith("agd-") else None
+        if base is not None:
+            lines.append(f"- {r['label']} vs {base['label']}: "
+                         + _vs(r, base, "attribute:points", "relation", "fd:ratio", "diversity", "nfe",
+                               "s_per_image:ratio2") + ".")
+    return lines
+
+
+def diffier_checks(rows: list[dict]) -> list[str]:
+    """The spread (max − min) of Fréchet distance and attribute accuracy over the CFG scales, CFG against DiffIER,
+    and DiffIER at CFG's best scale (lowest Fréchet distance)."""
+    cfg = [r for r in rows if r["key"] in {f"cfg-{w:g}" for w in DIFFIER_SCALES}]
+    dif = [r for r in rows if r["key"].startswith("diffier-")]
+    if len(cfg) < 2 or len(dif) < 2:
+        return []
+    lines = []
+    for name, key, fmt in (("Fréchet distance", "fd", lambda v: f"{v:.1f}"),
+                           ("attribute accuracy", "attribute", lambda v: f"{100 * v:.1f} points")):
+        spread = [max(r[key] for r in group) - min(r[key] for r in group) for group in (cfg, dif)]
+        scales = ", ".join(f"{r['scale']:g}" for r in cfg)
+        verdict = "smaller" if spread[1] < spread[0] else "not smaller"
+        lines.append(f"- Spread of {name} over cfg {scales}: CFG {fmt(spread[0])}, DiffIER {fmt(spread[1])} "
+                     f"({verdict}).")
+    best = min(cfg, key=lambda r: r["fd"])
+    twin = next((r for r in dif if r["scale"] == best["scale"]), None)
+    if twin is not None:
+        lines.append(f"- At CFG's best scale by Fréchet distance ({best['label']}): {twin['label']} vs it: "
+                     + _vs(twin, best, "attribute:points", "fd:ratio", "nfe", "s_per_image:ratio2") + ".")
+    return lines
+
+
 def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list[Config]) -> str:
     w = info["weights"]
     n_single = sum(p.kind == "single" for p in prompts)
@@ -992,6 +1064,12 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
            f"{info.get('calibration', {}).get('seconds', 0):.0f} s, not counted in the rows) and handed to "
            "`GL_LinearAG` (τ 0.05, first half) by a bench-only source node" if any(c.calibrated for c in configs)
            else "")
+        + ("; AGD: `GL_AGDLoader` (demo_agd.safetensors, trained by `python demo/train_agd.py` on CFG trajectories "
+           "of training captions) → `GL_AGDApply` (guidance_scale ω, strength 1) before a KSampler at cfg 1"
+           if any(c.method == "agd" for c in configs) else "")
+        + ("; DiffIER: `CFGGuider` (cfg) + `GL_SamplerDiffIER` (euler base, 1 iteration, step size 0.5, tolerance "
+           "1e-3, window 0–0.5) + `BasicScheduler` + `RandomNoise` (the prompt's seed) → `SamplerCustomAdvanced`"
+           if any(c.method == "diffier" for c in configs) else "")
         + ("; autoguidance: a second `GL_DemoModelLoader` (demo_model_weak, the early checkpoint of the same "
            "training run) as model_2 of `GL_MultiModelGuider` (mode autoguidance: D_weak + w·(D_main − D_weak) on "
            "the prompt; cfg+autoguidance: CFG at cfg plus w_a) + `KSamplerSelect` (euler) + `BasicScheduler` + "
@@ -1047,6 +1125,16 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
                       "quality without CFG's loss of variety; per-object scales beat single-prompt CFG on two-object "
                       "prompts):",
                   "", *pairs]
+    distilled = agd_checks(rows)
+    if distilled:
+        lines += ["", "Distilled guidance against CFG at the same scale (targets of the guidance-distillation issue: "
+                      "Fréchet distance within 5 %, attribute accuracy within 2 points, half the NFEs, ≤ 0.55× the "
+                      "time per image):", "", *distilled]
+    sensitivity = diffier_checks(rows)
+    if sensitivity:
+        lines += ["", "Sensitivity to the guidance scale (targets of the DiffIER issue: smaller spread of Fréchet "
+                      "distance and attribute accuracy across scales than CFG; not worse at CFG's best scale):",
+                  "", *sensitivity]
     savings = speedup_checks(rows)
     if savings:
         lines += ["", "Model-call savings against CFG at the same scale and steps (targets of the Adaptive Guidance "

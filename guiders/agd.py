@@ -1,89 +1,276 @@
-"""Adapter guidance distillation in the host (kernels/agd.py): where the adapters sit on a UNet and how they run.
+"""Adapter guidance distillation in the host (kernels/agd.py): where the adapters sit, how they run, their files.
 
-Sites: every cross-attention (attn2) of every transformer block — ("input", id, j), ("middle", 0, j),
-("output", id, j) as ComfyUI's UNet names them in `transformer_options["block"]` / `["block_index"]`.
-Running: an `attn2_patch` keeps the block's normalised input and its context for the current block (it changes
-nothing it is given, so other packs' attn2 patches compose), and an `attn2_output_patch` adds the block's adapter
-output to the cross-attention's output — the adapter is a residual on the wrapped module, as in the authors' code.
-Both are model patches on a clone (`set_model_attn2_patch` / `set_model_attn2_output_patch`); sample with cfg 1:
-one model call per step.
+Sites and running:
+* UNets (SD1.x, SD2.x, SDXL, the demo model): every cross-attention (attn2) of every transformer block —
+  ("input", id, j), ("middle", 0, j), ("output", id, j) as ComfyUI names them in `transformer_options["block"]` /
+  `["block_index"]`. An `attn2_patch` keeps the block's normalised input and its context (it changes nothing it is
+  given, so other packs' attn2 patches compose) and an `attn2_output_patch` adds the attention adapter's output to
+  the cross-attention's output: the adapter is a residual on the wrapped module, as in the authors' code.
+* SD3 and Flux: no attention-level patch reaches these blocks, so the additive adapter (the authors' DiT type)
+  offsets the image tokens of every joint/double block's output and every token of every single block's output
+  (`patches_replace["dit"]`; a replacement already there is called, not dropped). Placement on the block output
+  rather than inside the attention is Guidance Lab's design for these families.
+
+Everything is a model patch on a clone; sample with cfg 1: one model call per step. The guidance scale ω is the
+node's value, or per batch row `transformer_options["guidance_lab"]["agd_omega"]` (training passes one ω per
+sample). The time token of UNet adapters projects sinusoidal features of the model timestep t(σ) (the authors
+project the UNet's own time embedding of t: Guidance Lab design, same information).
 """
 from __future__ import annotations
 
+import json
+import logging
 import re
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+import comfy.model_base
+
 from ..kernels import agd as ak
+from .weight_files import WeightFolder
 
 NODE = "GL_AGDApply"
+FORMAT = "guidance_lab.agd_adapter/1"
+FOLDER_NAME = "gl_agd"
+PACK_FILES = ("demo_agd.safetensors",)
+TIME_FEATURES = 64
+OMEGA_KEY = "agd_omega"
 _SITE = re.compile(r"^diffusion_model\.(input_blocks|middle_block|output_blocks)\.?(\d*)\.1\.transformer_blocks\."
                    r"(\d+)\.attn2\.to_(q|k)\.weight$")
+_DIT_SITE = re.compile(r"^diffusion_model\.(?:(double_blocks)\.(\d+)\.img_attn\.qkv|(single_blocks)\.(\d+)\.linear2|"
+                       r"(joint_blocks)\.(\d+)\.x_block\.attn\.qkv)\.weight$")
 _BLOCK = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
 
 
 class AGDError(ValueError):
-    """Models or adapters GL_AGDApply cannot serve."""
+    """Models, adapters or files the AGD nodes cannot serve."""
 
 
-def sites(model, *, node: str = NODE) -> dict[str, tuple[int, int]]:
-    """{"input.4.0": (hidden width, context width), …} for every cross-attention of a UNet."""
+@dataclass
+class AGDAdapter:
+    """The GL_AGD_ADAPTER value: adapter modules (CPU, float32) keyed by site, with what they were made for."""
+
+    modules: torch.nn.ModuleDict
+    family: str                         # "UNet", "SD3" or "Flux"
+    config: dict                        # kind, hidden, features, use_prompt, time_token, seed
+    sites: dict                         # site -> [dims]
+    name: str = ""
+    info: dict = field(default_factory=dict)
+
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.modules.parameters())
+
+
+def family(model) -> str:
+    inner = model.model
+    if isinstance(inner, comfy.model_base.Flux):
+        return "Flux"
+    if isinstance(inner, comfy.model_base.SD3):
+        return "SD3"
+    return "UNet"
+
+
+def sites(model, *, node: str = NODE) -> dict[str, tuple[int, ...]]:
+    """UNet: {"input_4_0": (hidden width, context width), …}; SD3/Flux: {"double_0": (width,), "single_3": …}."""
+    fam = family(model)
+    if fam == "Flux" and getattr(getattr(model.model.diffusion_model, "params", None), "global_modulation", False):
+        raise AGDError(f"{node}: this Flux variant shares one modulation across blocks (global_modulation); "
+                       "adapters are placed on Flux.1, SD3 and UNet models in this version")
     found: dict[str, list[int]] = {}
     for key, w in model.model_state_dict().items():
-        m = _SITE.match(key)
-        if not m:
+        if fam == "UNet":
+            m = _SITE.match(key)
+            if m:
+                kind, idx, j, proj = m.groups()
+                entry = found.setdefault(f"{_BLOCK[kind]}_{idx or 0}_{j}", [0, 0])
+                entry[0 if proj == "q" else 1] = int(w.shape[1])
             continue
-        kind, idx, j, proj = m.groups()
-        name = f"{_BLOCK[kind]}.{idx or 0}.{j}"
-        entry = found.setdefault(name, [0, 0])
-        entry[0 if proj == "q" else 1] = int(w.shape[1])
+        m = _DIT_SITE.match(key)
+        if m:
+            double, di, single, si, joint, ji = m.groups()
+            name = f"double_{di}" if double else f"single_{si}" if single else f"double_{ji}"
+            found[name] = [int(w.shape[0]) if single else int(w.shape[1])]
     if not found:
-        raise AGDError(f"{node}: the model ({type(model.model).__name__}) has no UNet cross-attention; this version "
-                       "places adapters on UNet models (SD1.x, SD2.x, SDXL, the demo model)")
-    return {k: (v[0], v[1]) for k, v in sorted(found.items())}
+        raise AGDError(f"{node}: the model ({type(model.model).__name__}) has no UNet cross-attention and no SD3/Flux "
+                       "blocks; adapters are placed on SD1.x, SD2.x, SDXL (and the demo model), SD3 and Flux")
+    return {k: tuple(v) for k, v in sorted(found.items())}
 
 
-def build_adapters(model, *, hidden: int = 320, use_prompt: bool = True, seed: int = 0) -> torch.nn.ModuleDict:
-    """Fresh (zero-output) adapters for every site of `model`, seeded."""
-    with torch.random.fork_rng(devices=[]):
+def build_adapters(model, *, hidden: int = 320, features: int = 256, use_prompt: bool = True,
+                   time_token: bool = True, seed: int = 0, node: str = NODE) -> AGDAdapter:
+    """Fresh (zero-output) adapters for every site of `model`, seeded (the global RNG is left as it was)."""
+    fam, found = family(model), sites(model, node=node)
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
         torch.manual_seed(seed)
-        return torch.nn.ModuleDict({
-            name.replace(".", "_"): ak.AttentionAdapter(d_in, hidden=hidden, d_context=d_ctx if use_prompt else 0,
-                                                        seed=seed + i)
-            for i, (name, (d_in, d_ctx)) in enumerate(sites(model).items())})
+        mods = {}
+        for i, (name, dims) in enumerate(found.items()):
+            if fam == "UNet":
+                mods[name] = ak.AttentionAdapter(dims[0], hidden=hidden, d_time=TIME_FEATURES if time_token else 0,
+                                                 d_context=dims[1] if use_prompt else 0, seed=seed + i,
+                                                 features=features)
+            else:
+                mods[name] = ak.AdditiveAdapter(dims[0], hidden=hidden, d_vec=dims[0] if time_token else 0,
+                                                seed=seed + i, features=features)
+        modules = torch.nn.ModuleDict(mods)
+    config = {"kind": "attention" if fam == "UNet" else "additive", "hidden": hidden, "features": features,
+              "use_prompt": bool(use_prompt and fam == "UNet"), "time_token": bool(time_token), "seed": seed}
+    return AGDAdapter(modules, fam, config, {k: list(v) for k, v in found.items()},
+                      info={"model_class": type(model.model).__name__})
 
 
-def _site(extra_options: dict) -> str:
-    kind, idx = extra_options["block"]
-    return f"{kind}_{idx}_{extra_options.get('block_index', 0)}"
+def check_model(model, adapter: AGDAdapter, *, node: str = NODE) -> None:
+    if not isinstance(adapter, AGDAdapter):
+        raise AGDError(f"{node}: connect a GL_AGD_ADAPTER (from GL_AGDLoader or GL_AGDTrain); got "
+                       f"{type(adapter).__name__}")
+    fam = family(model)
+    found = {k: list(v) for k, v in sites(model, node=node).items()}
+    if fam != adapter.family or found != adapter.sites:
+        diff = sorted(set(found) ^ set(adapter.sites)) or [k for k in found if found[k] != adapter.sites.get(k)]
+        label = f"the adapter '{adapter.name}'" if adapter.name else "the adapter"
+        raise AGDError(f"{node}: {label} was made for a {adapter.family} model "
+                       f"({adapter.info.get('model_class', '?')}) with {len(adapter.sites)} sites; this {fam} model "
+                       f"({type(model.model).__name__}) has {len(found)} and they differ (e.g. {diff[:3]}); use the "
+                       "base model the adapter was trained on")
 
 
-def apply_adapters(model, adapters: torch.nn.ModuleDict, omega: float, *, node: str = NODE):
-    """A clone of `model` whose cross-attentions get the adapters' residual at guidance scale ω."""
-    want = {n.replace(".", "_") for n in sites(model, node=node)}
-    if set(adapters) != want:
-        example = sorted(want ^ set(adapters))[:3]
-        raise AGDError(f"{node}: the adapter was made for another model: its {len(adapters)} sites do not match "
-                       f"this model's {len(want)} cross-attentions (e.g. {example}); use the base model the adapter "
-                       "was trained on")
+def _omega(extra_options: dict, omega: float, rows: int, device) -> torch.Tensor:
+    w = extra_options.get("guidance_lab", {}).get(OMEGA_KEY)
+    if torch.is_tensor(w) and w.numel() == rows:
+        return w.reshape(rows).to(device, torch.float32)
+    return torch.full((rows,), float(omega), device=device)
+
+
+def _warn_uncond(extra_options: dict, warned: list) -> None:
+    """Log once per patched model when unconditional rows reach the adapters (the sampler's cfg is not 1)."""
+    if not warned and 1 in (extra_options.get("cond_or_uncond") or ()):
+        warned.append(True)
+        logging.warning("%s: the model with distilled guidance is being sampled with cfg != 1 (unconditional rows "
+                        "are evaluated); the adapters already imitate CFG, so use cfg 1 (one model call per step)",
+                        NODE)
+
+
+def _on(module: torch.nn.Module, device) -> torch.nn.Module:
+    if next(module.parameters()).device != device:
+        module.to(device)
+    return module
+
+
+def apply_adapters(model, adapter: AGDAdapter, omega: float, *, strength: float = 1.0, node: str = NODE):
+    """A clone of `model` whose sites get the adapters' residual at guidance scale ω (times `strength`)."""
+    check_model(model, adapter, node=node)
+    m = model.clone()
+    if adapter.family == "UNet":
+        _patch_unet(m, adapter, omega, strength)
+    else:
+        _patch_dit(m, adapter, omega, strength)
+    return m
+
+
+def _patch_unet(m, adapter: AGDAdapter, omega: float, strength: float) -> None:
+    ms = m.get_model_object("model_sampling")
     stash: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    warned: list = []
+
+    def site(extra_options: dict) -> str:
+        kind, idx = extra_options["block"]
+        return f"{kind}_{idx}_{extra_options.get('block_index', 0)}"
 
     def keep(n, context, value, extra_options):
-        stash[_site(extra_options)] = (n, context)
+        stash[site(extra_options)] = (n, context)
         return n, context, value
 
     def add(n, extra_options):
-        name = _site(extra_options)
+        name = site(extra_options)
+        _warn_uncond(extra_options, warned)
         h, context = stash.pop(name)
-        adapter = adapters[name]
-        dev = n.device
-        if next(adapter.parameters()).device != dev:
-            adapter.to(dev)
-        w = torch.full((h.shape[0],), float(omega), device=dev)
-        ctx = context if adapter.prompt is not None else None
-        return n + adapter(h, w, None, ctx).to(n.dtype)
+        mod = _on(adapter.modules[name], n.device)
+        w = _omega(extra_options, omega, h.shape[0], n.device)
+        t_emb = None
+        if mod.time is not None:
+            sigma = extra_options["sigmas"].to(n.device)
+            t = ms.timestep(sigma.float()).reshape(-1)
+            t_emb = ak.timestep_features(t.repeat_interleave(h.shape[0] // t.shape[0]), TIME_FEATURES)
+        ctx = context if mod.prompt is not None else None
+        return n + (strength * mod(h, w, t_emb, ctx)).to(n.dtype)
 
-    m = model.clone()
     m.set_model_attn2_patch(keep)
     m.set_model_attn2_output_patch(add)
-    return m
+
+
+def _patch_dit(m, adapter: AGDAdapter, omega: float, strength: float) -> None:
+    existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    warned: list = []
+    for name in adapter.sites:
+        kind, idx = name.split("_")
+        block_name = f"{kind}_block"
+        previous = existing.get((block_name, int(idx)))
+        m.set_model_patch_replace(_dit_block(adapter.modules[name], omega, strength, previous, warned), "dit",
+                                  block_name, int(idx))
+
+
+def _dit_block(mod, omega: float, strength: float, previous, warned: list):
+    def block(args, extra):
+        out = previous(args, extra) if previous is not None else extra["original_block"](args)
+        img = out["img"]
+        topts = args.get("transformer_options", {})
+        _warn_uncond(topts, warned)
+        _on(mod, img.device)
+        w = _omega(topts, omega, img.shape[0], img.device)
+        vec = args.get("vec") if mod.vec is not None else None
+        offset = mod(w, vec)
+        return {**out, "img": img + (strength * offset[:, None]).to(img.dtype)}
+    return block
+
+
+# ------------------------------------------------------------------------------------------------------ files
+
+_FILES = WeightFolder(FOLDER_NAME, FOLDER_NAME, PACK_FILES, AGDError, "adapter", "GL_AGDLoader")
+folders, files, resolve = _FILES.folders, _FILES.files, _FILES.resolve
+
+
+def save(adapter: AGDAdapter, path: str | Path) -> Path:
+    """Write adapters as safetensors (float32; metadata: format, family, config, sites, training info)."""
+    import comfy.utils
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "family": adapter.family, "config": json.dumps(adapter.config, sort_keys=True),
+            "sites": json.dumps(adapter.sites, sort_keys=True), "info": json.dumps(adapter.info, sort_keys=True)}
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in adapter.modules.state_dict().items()}
+    comfy.utils.save_torch_file(sd, str(path), metadata=meta)
+    return path
+
+
+def load(path: str | Path, *, node: str = "GL_AGDLoader") -> AGDAdapter:
+    """Read a file written by `save` (safetensors only; modules rebuilt from the metadata, Fourier buffers
+    included)."""
+    import comfy.utils
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise AGDError(f"{node}: '{path.name}' is not a .safetensors file; adapters are stored as safetensors only")
+    sd, meta = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+    if not meta or meta.get("format") != FORMAT:
+        raise AGDError(f"{node}: '{path.name}' is not a Guidance Lab AGD adapter (format "
+                       f"{(meta or {}).get('format')!r})")
+    config, site_dims = json.loads(meta["config"]), json.loads(meta["sites"])
+    fam = meta["family"]
+    with torch.inference_mode(False):
+        mods = {}
+        for name, dims in site_dims.items():
+            if config["kind"] == "attention":
+                mods[name] = ak.AttentionAdapter(dims[0], hidden=config["hidden"], features=config["features"],
+                                                 d_time=TIME_FEATURES if config["time_token"] else 0,
+                                                 d_context=dims[1] if config["use_prompt"] else 0)
+            else:
+                mods[name] = ak.AdditiveAdapter(dims[0], hidden=config["hidden"], features=config["features"],
+                                                d_vec=dims[0] if config["time_token"] else 0)
+        modules = torch.nn.ModuleDict(mods)
+        missing, unexpected = modules.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise AGDError(f"{node}: '{path.name}' does not match its own metadata (missing {missing[:3]}, unexpected "
+                       f"{unexpected[:3]})")
+    modules.eval().requires_grad_(False)
+    info = json.loads(meta.get("info", "{}"))
+    logging.info("%s: loaded %s (%s, %d sites)", node, path.name, fam, len(site_dims))
+    return AGDAdapter(modules, fam, config, site_dims, path.stem, info)

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from ..kernels.classifier_guidance import replace_relu_with_softplus
 from ..kernels.classifiers import build_classifier, detect_architecture
+from .weight_files import WeightFolder
 
 FOLDER_NAME = "gl_classifiers"
-PACK_WEIGHTS = Path(__file__).resolve().parents[1] / "demo" / "weights"
 PACK_FILES = ("demo_classifier.safetensors",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -153,31 +153,5 @@ def load_classifier(path, *, node: str = "GL_ClassifierLoader") -> Classifier:
                       input_size=(int(size[0]), int(size[1])), mean=mean, std=std, name=path.stem)
 
 
-def classifier_folders() -> list[str]:
-    """folder_paths' `gl_classifiers` list (models/classifiers/ by default), the pack's demo/weights/ last."""
-    import folder_paths
-    default = str(Path(folder_paths.models_dir) / "classifiers")
-    if FOLDER_NAME not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER_NAME] = ([default], {".safetensors"})
-    return list(folder_paths.get_folder_paths(FOLDER_NAME))
-
-
-def classifier_files() -> list[str]:
-    """Names offered by the loader: files of the classifier folders, then the pack's own."""
-    import folder_paths
-    classifier_folders()
-    names = [n for n in folder_paths.get_filename_list(FOLDER_NAME) if n.endswith(".safetensors")]
-    names += [n for n in PACK_FILES if (PACK_WEIGHTS / n).is_file() and n not in names]
-    return names
-
-
-def resolve_classifier(name: str, *, node: str = "GL_ClassifierLoader") -> Path:
-    import folder_paths
-    classifier_folders()
-    found = folder_paths.get_full_path(FOLDER_NAME, name)
-    if found:
-        return Path(found)
-    if name in PACK_FILES and (PACK_WEIGHTS / name).is_file():
-        return PACK_WEIGHTS / name
-    raise ClassifierError(f"{node}: classifier file '{name}' not found in {classifier_folders()} or the pack's "
-                          "demo/weights/; put .safetensors classifiers into models/classifiers/")
+_FILES = WeightFolder(FOLDER_NAME, "classifiers", PACK_FILES, ClassifierError, "classifier", "GL_ClassifierLoader")
+classifier_folders, classifier_files, resolve_classifier = _FILES.folders, _FILES.files, _FILES.resolve

@@ -20,10 +20,10 @@ import comfy.model_base
 import comfy.model_patcher
 
 from ..kernels import hypernet as hk
+from .weight_files import WeightFolder
 
 NODE = "GL_Personalize"
 FOLDER_NAME = "gl_hypernetworks"
-PACK_WEIGHTS = Path(__file__).resolve().parents[1] / "demo" / "weights"
 PACK_FILES = ("demo_hypernet.safetensors",)
 FORMAT = "guidance_lab.hypernetwork/1"
 MAX_IMAGES = 64
@@ -98,33 +98,8 @@ def targets_for(model, layers: str = "attention", *, node: str = NODE) -> list[h
 
 # ------------------------------------------------------------------------------------------------------ files
 
-def folders() -> list[str]:
-    """folder_paths' `gl_hypernetworks` list (models/gl_hypernetworks/ by default)."""
-    import folder_paths
-    default = str(Path(folder_paths.models_dir) / "gl_hypernetworks")
-    if FOLDER_NAME not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER_NAME] = ([default], {".safetensors"})
-    return list(folder_paths.get_folder_paths(FOLDER_NAME))
-
-
-def files() -> list[str]:
-    """Names the loader offers: files of the hypernetwork folders, then the pack's own."""
-    import folder_paths
-    folders()
-    names = [n for n in folder_paths.get_filename_list(FOLDER_NAME) if n.endswith(".safetensors")]
-    return names + [n for n in PACK_FILES if (PACK_WEIGHTS / n).is_file() and n not in names]
-
-
-def resolve(name: str, *, node: str = "GL_HypernetworkLoader") -> Path:
-    import folder_paths
-    folders()
-    found = folder_paths.get_full_path(FOLDER_NAME, name)
-    if found:
-        return Path(found)
-    if name in PACK_FILES and (PACK_WEIGHTS / name).is_file():
-        return PACK_WEIGHTS / name
-    raise HypernetError(f"{node}: hypernetwork file '{name}' not found in {folders()} or the pack's demo/weights/; "
-                        "put .safetensors hypernetworks into models/gl_hypernetworks/")
+_FILES = WeightFolder(FOLDER_NAME, FOLDER_NAME, PACK_FILES, HypernetError, "hypernetwork", "GL_HypernetworkLoader")
+folders, files, resolve = _FILES.folders, _FILES.files, _FILES.resolve
 
 
 def save(hn: Hypernet, path: str | Path, extra: dict | None = None) -> Path:

@@ -6,13 +6,22 @@ Pieces (pure torch, no ComfyUI import):
     OmegaEmbedding     ψ(ω) = LayerNorm(MLP(cos(2π(f·ω + φ)))), f ~ N(0, 1) and φ ~ U(0, 1) fixed random Fourier
                        buffers (kept in the state dict: an adapter file must carry them).
     AttentionAdapter   the "attention" adapter: its query is a linear map of the wrapped cross-attention's input
-                       hidden states; keys/values are a short token sequence — ψ(ω), optionally a projection of the
-                       model's time embedding and of the prompt tokens — with a sinusoidal position code per token
+                       hidden states; keys/values are a short token sequence — ψ(ω), optionally a projection of a
+                       time embedding and of the prompt tokens — with a sinusoidal position code per token
                        index; one head, scale 1/√d_h; the output projection back to the block width starts at zero,
                        so an untrained adapter adds exactly nothing. Its output is added to the wrapped module's.
+    AdditiveAdapter    the "additive" adapter (the authors' DiT type): e = ψ(ω) (+ a projection of the block's
+                       conditioning vector, which carries the time) → SiLU → zero-initialised linear → one offset
+                       vector added to every token.
+    timestep_features  sinusoidal features of the model timestep (what the time token projects).
     cfg_target         the teacher: D_u + ω·(D_c − D_u), per sample.
     distill_loss       mean((D_s − D_t)²·α²/σ²) per sample over all non-batch dims = the paper's ε-MSE written in
                        denoised terms (DERIVED: ε = (x − α·D)/σ, so ε_s − ε_t = −α·(D_s − D_t)/σ).
+    native_target / denoised_from_native
+                       u = (x − D)/σ, the noise-like quantity stored for training (ε on EPS/V states, the velocity
+                       on flow states, x = (1−σ)·x0 + σ·n) and its inverse D = x − σ·u; finite at every σ > 0.
+    lr_factor          linear warm-up then cosine decay to a floor (the authors' schedule: 10 % warm-up, cosine
+                       to lr·1e-4).
 """
 from __future__ import annotations
 
@@ -57,10 +66,11 @@ class AttentionAdapter(nn.Module):
     h: the wrapped layer's input hidden states [B, N, d_in]; ω [B]; optional time embedding [B, d_time] and prompt
     tokens [B, T, d_context]."""
 
-    def __init__(self, d_in: int, *, hidden: int = 320, d_time: int = 0, d_context: int = 0, seed: int = 0):
+    def __init__(self, d_in: int, *, hidden: int = 320, d_time: int = 0, d_context: int = 0, seed: int = 0,
+                 features: int = 256):
         super().__init__()
         self.hidden = hidden
-        self.omega = OmegaEmbedding(hidden, seed=seed)
+        self.omega = OmegaEmbedding(hidden, features=features, seed=seed)
         self.time = nn.Linear(d_time, hidden) if d_time else None
         self.prompt = nn.Linear(d_context, hidden) if d_context else None
         self.q = nn.Linear(d_in, hidden)
@@ -93,6 +103,37 @@ class AttentionAdapter(nn.Module):
         return self.out(att).to(h.dtype)
 
 
+class AdditiveAdapter(nn.Module):
+    """Residual offset of one DiT block: offset = W_o·SiLU(ψ(ω) + W_v·vec) (W_o = 0 at start), the same vector
+    for every token. vec: the block's conditioning vector [B, d_vec] (time, pooled text, guidance embedding)."""
+
+    def __init__(self, d_out: int, *, hidden: int = 256, d_vec: int = 0, seed: int = 0, features: int = 256):
+        super().__init__()
+        self.hidden = hidden
+        self.omega = OmegaEmbedding(hidden, features=features, seed=seed)
+        self.vec = nn.Linear(d_vec, hidden) if d_vec else None
+        self.out = nn.Linear(hidden, d_out)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, omega: torch.Tensor, vec: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, d_out] (broadcast it over the tokens: out[:, None])."""
+        e = self.omega(omega)
+        if self.vec is not None:
+            if vec is None:
+                raise ValueError("this adapter reads the block's conditioning vector; pass vec")
+            e = e + self.vec(vec.float())
+        return self.out(F.silu(e))
+
+
+def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features [B, dim] of timesteps t [B] (cos half, then sin half; dim even)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angle = t.float().reshape(-1, 1) * freqs
+    return torch.cat([torch.cos(angle), torch.sin(angle)], dim=1)
+
+
 def cfg_target(d_cond: torch.Tensor, d_uncond: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
     """The teacher's prediction D_u + ω·(D_c − D_u) with one ω per sample (float32)."""
     w = omega.float().reshape(-1, *([1] * (d_cond.ndim - 1)))
@@ -106,3 +147,26 @@ def distill_loss(d_student: torch.Tensor, d_teacher: torch.Tensor, sigma: torch.
     a = torch.ones_like(s) if alpha is None else alpha.float().reshape(-1)
     err = (d_student.float() - d_teacher.float()).square().flatten(1).mean(1)
     return err * (a / s) ** 2
+
+
+def native_target(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """u = (x − D)/σ per sample (float32): ε for x = x0 + σ·n, the velocity n − x0 for x = (1−σ)·x0 + σ·n."""
+    s = sigma.float().reshape(-1, *([1] * (x.ndim - 1)))
+    return (x.float() - denoised.float()) / s
+
+
+def denoised_from_native(x: torch.Tensor, u: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """D = x − σ·u (the inverse of native_target)."""
+    s = sigma.float().reshape(-1, *([1] * (x.ndim - 1)))
+    return x.float() - s * u.float()
+
+
+def lr_factor(step: int, total: int, *, warmup: float = 0.1, floor: float = 1e-4) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based) of `total`: linear warm-up over the first
+    `warmup` fraction, then cosine from 1 to `floor` at the last step."""
+    n_warm = max(1, int(round(warmup * total)))
+    if step < n_warm:
+        return (step + 1) / n_warm
+    span = max(1, total - 1 - n_warm)
+    progress = min(1.0, (step - n_warm) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,6 +1,7 @@
-"""Adapter guidance distillation's apply side (guiders/agd.py) in the real host on the demo model (SD1-style EPS
-UNet): adapters on every cross-attention, zero-initialised adapters leave sampling bit-identical, a trained-looking
-adapter changes it, one model call per step at cfg 1, the input model untouched, clear errors."""
+"""Adapter guidance distillation in the real host (guiders/agd*.py): adapter sites, zero adapters = the base model
+(UNet, SD3, Flux), one model call per step at cfg 1, recorded targets reproduce the CFG trajectory, resumable
+collection, training lowers the held-out loss (EPS demo model and Flux), file round trip, LoRA composition and
+clear errors."""
 from __future__ import annotations
 
 import pytest
@@ -14,38 +15,218 @@ def agd(host):
     return host.pack("guiders.agd")
 
 
-def test_sites_are_every_cross_attention(agd, demo_model):
+@pytest.fixture(scope="module")
+def col(host):
+    return host.pack("guiders.agd_collect")
+
+
+@pytest.fixture(scope="module")
+def trn(host):
+    return host.pack("guiders.agd_train")
+
+
+def _randomise(adapter, std=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in adapter.modules.values():
+            a.out.weight.copy_(torch.randn(a.out.weight.shape, generator=g) * std)
+    return adapter
+
+
+def _collect(col, patcher, clip, name, **kw):
+    settings = dict(trajectories_per_prompt=2, steps=4, omega_min=2.0, omega_max=8.0, precision="fp32", name=name,
+                    progress=lambda done, total: None)
+    settings.update(kw)
+    latent = {"samples": torch.zeros(2, 3, 16, 16)}
+    with torch.inference_mode():
+        return col.collect(patcher, clip, ["a red circle", "a blue square"], latent, **settings)
+
+
+def test_sites_are_every_cross_attention(agd, demo_model, text_model):
     patcher, _clip, _vae = demo_model
     s = agd.sites(patcher)
     n_attn2 = sum(1 for k in patcher.model_state_dict() if k.endswith("attn2.to_q.weight"))
     assert len(s) == n_attn2 == 11
     assert all(ctx == 96 for _w, ctx in s.values()) and {w for w, _c in s.values()} == {64}
-    assert "middle.0.0" in s and "input.4.0" in s
+    assert "middle_0_0" in s and "input_4_0" in s
+    flux, _ = text_model("flux")
+    assert agd.sites(flux) == {"double_0": (64,), "single_0": (64,)}
+    sd3, _ = text_model("sd3")
+    assert set(agd.sites(sd3)) == {"double_0", "double_1"}
 
 
 def test_zero_adapters_are_the_base_model_and_one_call_per_step(agd, demo_model):
     patcher, clip, _vae = demo_model
     pos, neg = encode(clip, "a red circle"), encode(clip, "")
     base = run(patcher, pos, neg, 1.0, batch=2, steps=4)
-    adapters = agd.build_adapters(patcher, hidden=32)
-    m = agd.apply_adapters(patcher, adapters, 5.0)
+    adapter = agd.build_adapters(patcher, hidden=32, features=16)
+    m = agd.apply_adapters(patcher, adapter, 5.0)
     counted, counter = count_rows(m)
     out = run(counted, pos, neg, 1.0, batch=2, steps=4)
     assert torch.equal(out, base)
     assert counter["rows"] == 2 * 4 and counter["calls"] == 4            # cfg 1: one row per image per step
-    with torch.no_grad():
-        for a in adapters.values():
-            a.out.weight.normal_(std=0.05)
-    moved = run(agd.apply_adapters(patcher, adapters, 5.0), pos, neg, 1.0, batch=2, steps=4)
-    other_scale = run(agd.apply_adapters(patcher, adapters, 9.0), pos, neg, 1.0, batch=2, steps=4)
+    _randomise(adapter)
+    moved = run(agd.apply_adapters(patcher, adapter, 5.0), pos, neg, 1.0, batch=2, steps=4)
+    other_scale = run(agd.apply_adapters(patcher, adapter, 9.0), pos, neg, 1.0, batch=2, steps=4)
+    half = run(agd.apply_adapters(patcher, adapter, 5.0, strength=0.0), pos, neg, 1.0, batch=2, steps=4)
     assert not torch.allclose(moved, base) and not torch.allclose(moved, other_scale)
+    assert torch.equal(half, base)
     assert torch.equal(run(patcher, pos, neg, 1.0, batch=2, steps=4), base)        # the input model is untouched
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_flow_models_zero_adapters_identical_and_one_call_per_step(agd, text_model, family):
+    patcher, clip = text_model(family)
+    pos, neg = encode(clip, "a red circle"), encode(clip, "")
+    base = run(patcher, pos, neg, 1.0, batch=2, steps=3)
+    adapter = agd.build_adapters(patcher, hidden=16, features=16)
+    counted, counter = count_rows(agd.apply_adapters(patcher, adapter, 4.0))
+    assert torch.equal(run(counted, pos, neg, 1.0, batch=2, steps=3), base)
+    assert counter["rows"] == 2 * 3
+    _randomise(adapter, std=0.2)
+    a = run(agd.apply_adapters(patcher, adapter, 4.0), pos, neg, 1.0, batch=2, steps=3)
+    b = run(agd.apply_adapters(patcher, adapter, 8.0), pos, neg, 1.0, batch=2, steps=3)
+    assert not torch.allclose(a, base) and not torch.allclose(a, b)
+
+
+def test_an_existing_block_replacement_is_called_not_dropped(agd, text_model):
+    patcher, clip = text_model("flux")
+    pos, neg = encode(clip, "a red circle"), encode(clip, "")
+    calls = []
+
+    def foreign(args, extra):
+        calls.append(1)
+        return extra["original_block"](args)
+    m = patcher.clone()
+    m.set_model_patch_replace(foreign, "dit", "double_block", 0)
+    base = run(m, pos, neg, 1.0, batch=2, steps=2)
+    n = len(calls)
+    out = run(agd.apply_adapters(m, agd.build_adapters(m, hidden=16, features=16), 4.0), pos, neg, 1.0, batch=2,
+              steps=2)
+    assert n == 2 and len(calls) == 4 and torch.equal(out, base)
+
+
+def test_recorded_targets_are_the_cfg_predictions_of_the_sampled_trajectory(col, demo_model):
+    import comfy.samplers
+    patcher, clip, _vae = demo_model
+    data = _collect(col, patcher, clip, "agd_test_record")
+    assert len(data) == 2 * 2 * 4 * 2                 # prompts × trajectories × steps × images per trajectory
+    assert data.x.dtype == torch.float32 and len(data.conds) == 2 and data.conds[0]["c_crossattn"].shape[0] == 1
+    t = data.trajectory
+    for j in range(4):
+        rows = (t == j).nonzero().reshape(-1)
+        x, u, s = data.x[rows], data.u[rows], data.sigma[rows]
+        assert data.omega[rows].unique().numel() == 1 and 2.0 <= float(data.omega[rows][0]) <= 8.0
+        assert int(data.prompt[rows][0]) == j % 2
+        for k in range(3):                        # euler: x_{k+1} = x_k + (σ_{k+1} − σ_k)·u_k, per image
+            a, b = rows[2 * k:2 * k + 2] - rows[0], rows[2 * k + 2:2 * k + 4] - rows[0]
+            step = x[a] + (s[b] - s[a])[:, None, None, None] * u[a]
+            torch.testing.assert_close(x[b], step, atol=1e-5, rtol=1e-5)
+    # the stored target is D_u + ω·(D_c − D_u) of the model at the stored state
+    i = (t == 1).nonzero().reshape(-1)[2:4]
+    x, sigma, omega = data.x[i], data.sigma[i], float(data.omega[i][0])
+    guider = comfy.samplers.CFGGuider(patcher)
+    guider.set_conds(encode(clip, "a blue square"), encode(clip, ""))
+    guider.set_cfg(omega)
+    want = data.x[i] - data.sigma[i][:, None, None, None] * data.u[i]
+    torch.testing.assert_close(_predict(guider, x, sigma), want, atol=1e-4, rtol=1e-4)
+
+
+def _predict(guider, x, sigma):
+    """The guider's prediction at (x, σ), through the host's whole sampling set-up (a one-call sampler)."""
+    import comfy.samplers
+    seen = {}
+
+    def one_call(model, noise, sigmas, extra_args=None, callback=None, disable=None):
+        seen["d"] = model(x, sigma, **(extra_args or {}))
+        return x
+    with torch.inference_mode():
+        guider.sample(torch.zeros_like(x), torch.zeros_like(x), comfy.samplers.KSAMPLER(one_call),
+                      torch.tensor([float(sigma[0]), 0.0]), seed=0, disable_pbar=True)
+    return seen["d"]
+
+
+def test_collection_resumes_from_its_shards_and_refuses_other_settings(col, demo_model):
+    patcher, clip, _vae = demo_model
+    first = _collect(col, patcher, clip, "agd_test_resume", steps=2, trajectories_per_prompt=1)
+    counted, counter = count_rows(patcher)
+    again = _collect(col, counted, clip, "agd_test_resume", steps=2, trajectories_per_prompt=1)
+    assert counter["calls"] == 0 and torch.equal(first.x, again.x) and torch.equal(first.u, again.u)
+    with pytest.raises(ValueError, match=r"GL_AGDCollect: .* already holds a collection made with other settings"):
+        _collect(col, patcher, clip, "agd_test_resume", steps=3, trajectories_per_prompt=1)
+    with pytest.raises(ValueError, match=r"GL_AGDCollect: the guidance range \[5.0, 2.0\]"):
+        _collect(col, patcher, clip, "agd_test_bad", omega_min=5.0, omega_max=2.0)
+
+
+def test_training_lowers_the_held_out_loss_and_the_file_round_trips(agd, col, trn, demo_model, text_model,
+                                                                   tmp_path):
+    patcher, clip, _vae = demo_model
+    data = _collect(col, patcher, clip, "agd_test_train", precision="fp16")
+    assert data.x.dtype == torch.float16
+    with torch.inference_mode():
+        adapter = trn.train_agd(patcher, data, hidden=16, features=16, steps=12, batch_size=8, learning_rate=3e-3)
+    hist = adapter.info["loss_history"]
+    assert hist[0][0] == 0 and hist[-1][0] == 12 and hist[-1][1] < 0.97 * hist[0][1]
+    assert adapter.info["parameters"] == adapter.parameters() < 0.05 * sum(
+        v.numel() for k, v in patcher.model_state_dict().items() if k.startswith("diffusion_model."))
+    path = agd.save(adapter, tmp_path / "a.safetensors")
+    back = agd.load(path)
+    assert back.family == "UNet" and back.sites == adapter.sites and back.config == adapter.config
+    sd_a, sd_b = adapter.modules.state_dict(), back.modules.state_dict()
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert any(k.endswith("omega.freqs") for k in sd_b)                  # the Fourier buffers travel with the file
+    pos, neg = encode(clip, "a red circle"), encode(clip, "")
+    a = run(agd.apply_adapters(patcher, adapter, 5.0), pos, neg, 1.0, batch=2, steps=3)
+    b = run(agd.apply_adapters(patcher, back, 5.0), pos, neg, 1.0, batch=2, steps=3)
+    assert torch.equal(a, b) and not torch.equal(a, run(patcher, pos, neg, 1.0, batch=2, steps=3))
+    with pytest.raises(ValueError, match="GL_AGDTrain: the data in .* was collected from another model"):
+        trn.train_agd(text_model("flux")[0], data, steps=1)
+
+
+def test_training_on_a_flow_model_lowers_the_held_out_loss(col, trn, text_model):
+    patcher, clip = text_model("flux")
+    data = _collect(col, patcher, clip, "agd_test_flux", steps=3)
+    with torch.inference_mode():
+        adapter = trn.train_agd(patcher, data, hidden=16, features=16, steps=12, batch_size=8, learning_rate=1e-2)
+    hist = adapter.info["loss_history"]
+    assert adapter.family == "Flux" and hist[-1][1] < 0.97 * hist[0][1]
+
+
+def test_adapters_compose_with_a_lora(agd, demo_model):
+    patcher, clip, _vae = demo_model
+    pos, neg = encode(clip, "a red circle"), encode(clip, "")
+    key = "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v.weight"
+    w = patcher.model_state_dict()[key]
+    lora = patcher.clone()
+    lora.add_patches({key: (torch.randn(w.shape, generator=torch.Generator().manual_seed(3)) * 0.2,)}, 1.0)
+    adapter = _randomise(agd.build_adapters(patcher, hidden=16, features=16))
+    both, counter = count_rows(agd.apply_adapters(lora, adapter, 5.0))
+    out = run(both, pos, neg, 1.0, batch=2, steps=3)
+    only_lora = run(lora, pos, neg, 1.0, batch=2, steps=3)
+    only_adapter = run(agd.apply_adapters(patcher, adapter, 5.0), pos, neg, 1.0, batch=2, steps=3)
+    assert counter["rows"] == 6
+    assert not torch.allclose(out, only_lora) and not torch.allclose(out, only_adapter)
 
 
 def test_mismatched_models_get_clear_errors(agd, demo_model, tiny):
     patcher, _clip, _vae = demo_model
-    adapters = agd.build_adapters(patcher, hidden=16)
-    with pytest.raises(agd.AGDError, match=r"GL_AGDApply: the adapter was made for another model: its 11 sites"):
-        agd.apply_adapters(tiny("sd15_eps"), adapters, 5.0)
-    with pytest.raises(agd.AGDError, match=r"GL_AGDApply: the model \(Flux\) has no UNet cross-attention"):
-        agd.sites(tiny("flux"))
+    adapter = agd.build_adapters(patcher, hidden=16, features=16)
+    with pytest.raises(agd.AGDError, match=r"GL_AGDApply: the adapter was made for a UNet model \(BaseModel\) "
+                                           r"with 11 sites; this UNet model \(BaseModel\) has 7 and they differ"):
+        agd.apply_adapters(tiny("sd15_eps"), adapter, 5.0)
+    with pytest.raises(agd.AGDError, match=r"GL_AGDApply: the adapter .* made for a UNet .* this Flux model"):
+        agd.apply_adapters(tiny("flux"), adapter, 5.0)
+    with pytest.raises(agd.AGDError, match="GL_AGDApply: connect a GL_AGD_ADAPTER"):
+        agd.apply_adapters(patcher, {"not": "an adapter"}, 5.0)
+
+
+def test_sampling_the_distilled_model_with_cfg_above_one_is_warned_once(agd, demo_model, caplog):
+    import logging
+    patcher, clip, _vae = demo_model
+    pos, neg = encode(clip, "a red circle"), encode(clip, "")
+    m = agd.apply_adapters(patcher, agd.build_adapters(patcher, hidden=16, features=16), 5.0)
+    with caplog.at_level(logging.WARNING):
+        run(m, pos, neg, 1.0, batch=1, steps=2)
+        assert "sampled with cfg != 1" not in caplog.text
+        run(m, pos, neg, 5.0, batch=1, steps=2)
+    assert caplog.text.count("GL_AGDApply: the model with distilled guidance is being sampled with cfg != 1") == 1

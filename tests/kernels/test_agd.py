@@ -58,3 +58,59 @@ def test_cfg_target_and_the_loss_equal_the_eps_mse():
     eps_s, eps_t = (x - a * ds) / s, (x - a * t) / s
     torch.testing.assert_close(agd.distill_loss(ds, t, sigma, alpha), (eps_s - eps_t).square().mean(dim=(1, 2, 3)))
     torch.testing.assert_close(agd.distill_loss(ds, t, sigma), ((ds - t) / s).square().mean(dim=(1, 2, 3)))
+
+
+def test_additive_adapter_starts_at_zero_and_depends_on_omega_and_vec():
+    torch.manual_seed(0)
+    ad = agd.AdditiveAdapter(20, hidden=16, d_vec=12, features=32)
+    w, vec = torch.tensor([2.0, 8.0]), torch.randn(2, 12)
+    out = ad(w, vec)
+    assert out.shape == (2, 20) and torch.count_nonzero(out) == 0
+    out.sum().backward()
+    assert ad.out.weight.grad.abs().sum() > 0 and ad.vec.weight.grad.abs().sum() == 0
+    with torch.no_grad():
+        ad.out.weight.normal_(std=0.1)
+    a = ad(w, vec)
+    assert not torch.allclose(a, ad(torch.tensor([2.0, 3.0]), vec))
+    torch.testing.assert_close(a[0], ad(torch.tensor([2.0, 3.0]), vec)[0])            # per sample
+    assert not torch.allclose(a, ad(w, vec + 1))
+    with pytest.raises(ValueError, match="pass vec"):
+        ad(w)
+    assert agd.AdditiveAdapter(20, hidden=16)(w).shape == (2, 20)
+
+
+def test_timestep_features():
+    f = agd.timestep_features(torch.tensor([0.0, 999.0]), 8)
+    assert f.shape == (2, 8)
+    torch.testing.assert_close(f[0], torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0]))
+    assert f[1, 0] == pytest.approx(float(torch.cos(torch.tensor(999.0))), abs=1e-4)
+    torch.testing.assert_close(f.square()[:, :4] + f.square()[:, 4:], torch.ones(2, 4))
+
+
+def test_native_target_is_eps_on_ve_states_and_velocity_on_flow_states():
+    g = torch.Generator().manual_seed(2)
+    x0, n = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    sigma = torch.tensor([0.05, 1.0, 14.6])
+    s = sigma[:, None, None, None]
+    torch.testing.assert_close(agd.native_target(x0 + s * n, x0, sigma), n)                   # VE: ε
+    fs = torch.tensor([0.02, 0.5, 1.0])
+    f = fs[:, None, None, None]
+    torch.testing.assert_close(agd.native_target((1 - f) * x0 + f * n, x0, fs), n - x0)       # flow: velocity
+    x = x0 + s * n
+    u = agd.native_target(x, x0 + 0.1, sigma)
+    torch.testing.assert_close(agd.denoised_from_native(x, u, sigma), x0 + 0.1)
+    # the loss in stored terms is the ε-MSE (VE) / velocity MSE (flow): w(σ) = 1/σ²
+    d_s = x0 + 0.3
+    torch.testing.assert_close(agd.distill_loss(d_s, x0, sigma),
+                               (agd.native_target(x, d_s, sigma) - agd.native_target(x, x0, sigma)).square()
+                               .mean(dim=(1, 2, 3)))
+
+
+def test_lr_factor_warms_up_then_decays_to_the_floor():
+    total = 100
+    f = [agd.lr_factor(i, total) for i in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)                 # 10 warm-up steps
+    assert all(a <= b for a, b in zip(f[:10], f[1:10]))
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[-1] == pytest.approx(1e-4) and f[10] == pytest.approx(1.0)
+    assert agd.lr_factor(0, 1) == pytest.approx(1.0)
