@@ -183,10 +183,17 @@ def make_configs(host, base):
     patch_apg = host.pack("guiders.apg").patch_apg
     make_cfgpp_sampler = host.pack("guiders.cfgpp").make_cfgpp_sampler
     patch_elucd = host.pack("guiders.classifier_guidance").patch_classifier_guidance
+    agd = host.pack("guiders.agd")
+    adapter = agd.build_adapters(base, hidden=320, features=256, seed=0)      # the authors' size for SD
+    share = adapter.parameters() / sum(p.numel() for p in base.model.diffusion_model.parameters())
+    distilled = Config("agd", f"AGD adapters (`GL_AGDApply`; d_h 320, 256 Fourier features, time and prompt tokens: "
+                       f"{adapter.parameters() / 1e6:.2f} M parameters, {100 * share:.1f} % of the UNet), ω {CFG:g}, "
+                       "core `euler` at cfg 1", agd.apply_adapters(base, adapter, CFG),
+                       comfy.samplers.sampler_object("euler"), 1.0)
     elucd = [Config(f"elucd_r{d}", f"EluCD (linear decoder, random ResNet-{d} at 224², core `euler`, cfg {CFG:g})",
                     patch_elucd(base, resnet_classifier(host, d, 0), "class 0", decoder="linear"),
                     comfy.samplers.sampler_object("euler"), CFG) for d in (18, 50)]
-    return elucd + [
+    return elucd + [distilled] + [
         Config("cfg", f"plain CFG (core `euler`, cfg {CFG:g})", base, comfy.samplers.sampler_object("euler"), CFG),
         Config("apg", f"APG (`patch_apg` defaults, core `euler`, cfg {CFG:g})", patch_apg(base),
                comfy.samplers.sampler_object("euler"), CFG),
@@ -338,6 +345,10 @@ def render(rows, *, args, info) -> str:
         f"plain CFG's {base['outside'] * 1e3:.1f} ms/step and expressed against its median step: "
         f"{'; '.join(outside)}.",
         "",
+        *([f"Target AGD ≤ 0.55× plain CFG per step (one 1-row forward with the adapters against CFG's 2-row "
+           f"forward): {by_key['agd']['ratio']:.3f}× (paired {by_key['agd']['paired']:.3f}×): "
+           + ("met" if max(by_key['agd']['ratio'], by_key['agd']['paired']) <= 0.55 else "**not met**") + ".", ""]
+          if "agd" in by_key else []),
         *([f"Target EluCD ≤ 1.3× plain CFG per step (classifier forward + backward on the linear-decoded "
            f"prediction, resized to 224²): {'; '.join(elucd)}.", ""] if elucd else []),
         f"Noise: plain CFG's step times spread over {noise:.1f} % of its median; its mean s/step per round "

@@ -8,9 +8,9 @@ custom guiders that subclass CFGGuider without replacing `predict_noise`.
   their cosine per sample, over all non-batch dims: in denoised space (D_c vs D_u, the default) or in noise space
   (ε = (x − α·D)/σ).
 * When the batch's similarity exceeds the threshold (policy "all": every sample), the latch closes; from the next
-  schedule entry on the wrapper calls the host's `sampling_function` with the negative left out and scale 1 —
-  exactly the host's own cfg = 1 path, so pre- and post-CFG lists still run — and the model is evaluated on the
-  conditional branch only.
+  schedule entry on the wrapper calls the rest of the wrapper chain with the negative left out and scale 1 —
+  exactly the host's own cfg = 1 path, so pre- and post-CFG lists and later PREDICT_NOISE wrappers still run — and
+  the model is evaluated on the conditional branch only.
 * The latch lives in a per-run state object (OUTER_SAMPLE wrapper), keyed by the sampler's schedule index.
 
 When it cannot save anything it falls back to the normal path and says so once per run: cfg = 1 (no
@@ -124,10 +124,16 @@ def patch_adaptive_guidance(model, *, threshold: float = 0.99, start_percent: fl
         if step is not None and run.state.conditional_only(step):
             run.cond_only_calls += 1
             _note(model_options, run)
-            # the host's own cfg = 1 path: negative left out, scale 1, pre/post-CFG lists still run
-            return comfy.samplers.sampling_function(guider.inner_model, x, timestep, None,
-                                                    guider.conds.get("positive"), 1.0,
-                                                    model_options=model_options, seed=seed)
+            # the host's own cfg = 1 path: negative left out, scale 1, pre/post-CFG lists still run. Through the
+            # rest of the wrapper chain (not sampling_function directly), so PREDICT_NOISE wrappers of other nodes
+            # registered after this one (caches, …) still run on these steps; the chain ends in
+            # CFGGuider.predict_noise (guiders that replace it fell back above)
+            conds, cfg = guider.conds, guider.cfg
+            guider.conds, guider.cfg = {k: v for k, v in conds.items() if k != "negative"}, 1.0
+            try:
+                return executor(x, timestep, model_options, seed)
+            finally:
+                guider.conds, guider.cfg = conds, cfg
         result, captured = run_capturing_predictions(executor, x, timestep, model_options, seed)
         run.cfg_calls += 1
         if step is not None and "cond" in captured:

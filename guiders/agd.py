@@ -252,7 +252,7 @@ def load(path: str | Path, *, node: str = "GL_AGDLoader") -> AGDAdapter:
     sd, meta = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
     if not meta or meta.get("format") != FORMAT:
         raise AGDError(f"{node}: '{path.name}' is not a Guidance Lab AGD adapter (format "
-                       f"{(meta or {}).get('format')!r})")
+                       f"{(meta or {}).get('format')!r}); pick a file written by GL_AGDTrain")
     config, site_dims = json.loads(meta["config"]), json.loads(meta["sites"])
     fam = meta["family"]
     with torch.inference_mode(False):

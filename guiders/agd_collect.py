@@ -34,7 +34,7 @@ import comfy.utils
 
 from ..kernels import agd as ak
 from .adaptive import WRAPPER_KEY as AG_WRAPPER_KEY
-from .family import family_name
+from .family import check_latent, family_name
 from .linear_ag_calibration import model_fingerprint
 from .run_state import NAMESPACE
 
@@ -138,6 +138,7 @@ def collect(model, clip, prompts: list[str], latent, *, negative: str = "", traj
     if clip is None:
         raise ValueError(f"{NODE}: connect the model's CLIP (it encodes the prompts)")
     samples = latent["samples"] if isinstance(latent, dict) else latent
+    check_latent(model, samples, node=NODE)
     m = model.clone()
     for key in (AG_WRAPPER_KEY, f"{NAMESPACE}.linear_ag"):       # methods that skip the uncond: not the teacher
         m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, key)

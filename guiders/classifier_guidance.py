@@ -45,21 +45,23 @@ def check_settings(*, scale, t1, marginal_discount, softplus_beta, gamma, schedu
         raise ValueError(f"{NODE}: decoder '{decoder}' is not one of {DECODERS}")
 
 
-def pick_decoder(latent_format, decoder: str) -> str:
+def pick_decoder(latent_format, decoder: str, *, node: str = NODE) -> str:
     """'identity' or 'linear' for a model's latent format; ClassifierError when neither can serve it. Pixel space:
     3-channel latents whose preview factors are absent or the identity (ComfyUI's ChromaRadiance, the demo
     model)."""
     factors = latent_format.latent_rgb_factors
     pixel = (getattr(latent_format, "latent_channels", None) == 3 and latent_format.latent_rgb_factors_bias is None
              and (factors is None or torch.equal(torch.tensor(factors, dtype=torch.float32), torch.eye(3))))
+    if decoder not in DECODERS:
+        raise ClassifierError(f"{node}: decoder {decoder!r} is not one of {DECODERS}; 'auto' picks for the model")
     if decoder == "auto":
         decoder = "identity" if pixel else "linear"
     if decoder == "identity" and not pixel:
-        raise ClassifierError(f"{NODE}: decoder 'identity' needs a pixel-space model (3-channel latents); this "
+        raise ClassifierError(f"{node}: decoder 'identity' needs a pixel-space model (3-channel latents); this "
                               f"model's latents have {latent_format.latent_channels} channels: use 'linear' or "
                               "'auto'")
     if decoder == "linear" and latent_format.latent_rgb_factors is None:
-        raise ClassifierError(f"{NODE}: decoder 'linear' needs the model family's latent_rgb_factors, which "
+        raise ClassifierError(f"{node}: decoder 'linear' needs the model family's latent_rgb_factors, which "
                               f"{type(latent_format).__name__} does not have; use 'auto'")
     return decoder
 

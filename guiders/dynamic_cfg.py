@@ -67,7 +67,7 @@ def patch_dynamic_cfg(model, *, classifier=None, target: str = "", multipliers="
     if classifier is not None:
         classifier.target_indices(target, 1, node=NODE)
     latent_format = model.get_model_object("latent_format")
-    chosen_decoder = pick_decoder(latent_format, decoder)
+    chosen_decoder = pick_decoder(latent_format, decoder, node=NODE)
     extra = list(evaluators or [])
     holder: dict = trace if trace is not None else {}
     holder["last"] = None

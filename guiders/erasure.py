@@ -333,7 +333,8 @@ def save_lora(edit: ErasureEdit, filename_prefix: str, *, rank: int = 0, energy:
 
     import comfy.utils
     if not edit.deltas:
-        raise ValueError("GL_SaveErasureLoRA: the erasure is empty (nothing was erased), so there is no LoRA to save")
+        raise ValueError("GL_SaveErasureLoRA: the erasure is empty (nothing was erased), so there is no LoRA to save; "
+                         "name at least one concept in GL_ConceptErase's erase input")
     sd, err = lora_state_dict(edit, rank=rank, energy=energy)
     root = folder or folder_paths.get_folder_paths(LORA_FOLDER)[0]
     full, name, counter, _sub, prefix = folder_paths.get_save_image_path(filename_prefix, root)

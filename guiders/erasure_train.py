@@ -29,7 +29,7 @@ from ..kernels import erasure as ek
 from ..kernels.adaptive import noise_from_denoised
 from . import erasure as er
 from . import training as tr
-from .family import coords_for
+from .family import check_latent, coords_for
 
 NODE = "GL_ConceptEraseTrain"
 TRAINABLE = ("auto", "attn2 q/k/v/out", "attn2 k/v", "text input (SD3/Flux)", "text stream qkv (SD3/Flux)")
@@ -235,6 +235,7 @@ def _latent_shape(model, latent) -> tuple:
     if not torch.is_tensor(samples) or samples.ndim < 4:
         raise ValueError(f"{NODE}: latent must be a LATENT (e.g. EmptyLatentImage at the size you sample); it sets "
                          "the size of the training trajectories")
+    check_latent(model, samples, node=NODE)
     return tuple(comfy.sample.fix_empty_latent_channels(model, samples[:1]).shape[1:])
 
 

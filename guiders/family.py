@@ -17,8 +17,34 @@ def coords_for(model_sampling, *, node: str) -> Coords:
     if isinstance(model_sampling, ms.EPS):          # EPS, V_PREDICTION, EDM, X0: x = x0 + σ·n
         return Coords(VE)
     raise UnsupportedModelError(
-        f"{node}: model parameterisation {type(model_sampling).__name__} is not supported "
-        "(supported: EPS, V-prediction and flow/CONST models such as SD1.5, SDXL, SD3 and Flux)")
+        f"{node}: model parameterisation {type(model_sampling).__name__}{_kind(model_sampling)} is not supported "
+        "(supported: EPS, V-prediction and flow/CONST models such as SD1.5, SDXL, SD3 and Flux); connect such a "
+        "model, or remove the ModelSampling node that changed its parameterisation")
+
+
+def _kind(model_sampling) -> str:
+    """' (COSMOS_RFLOW)': the host's parameterisation class behind a model_sampling object (core ModelSampling…
+    nodes build a local class named ModelSamplingAdvanced, which says nothing)."""
+    for cls in type(model_sampling).__mro__:
+        if cls.__module__ == ms.__name__ and cls.__name__.isupper():
+            return f" ({cls.__name__})"
+    return ""
+
+
+def check_latent(model, samples, *, node: str, input_name: str = "latent") -> None:
+    """A clear error when a LATENT input cannot be sampled by `model` (a ModelPatcher): a video or audio latent for
+    an image model, or a latent with content and another channel count (empty latents the host converts itself)."""
+    import torch
+    if not torch.is_tensor(samples) or samples.is_nested:
+        return
+    fmt = model.get_model_object("latent_format")
+    channels, dims = fmt.latent_channels, getattr(fmt, "latent_dimensions", 2)
+    layout = f"[B, {channels}, {({1: 'L', 3: 'T, H, W'}).get(dims, 'H, W')}]"
+    ndim_ok = samples.ndim == dims + 2 or (dims == 3 and samples.ndim == 4)    # the host adds T to image latents
+    if not ndim_ok or (samples.shape[1] != channels and bool(samples.count_nonzero())):
+        raise ValueError(f"{node}: {input_name} has shape {list(samples.shape)}, but this model samples "
+                         f"{channels}-channel latents {layout}; connect EmptyLatentImage (or the empty-latent node "
+                         "of the model's family) at the size you sample")
 
 
 def family_name(model_sampling) -> str:

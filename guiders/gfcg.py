@@ -46,7 +46,12 @@ def candidate_indices(classifier, classes: str) -> list[int]:
                                   "list the confusable ones in 'classes' (each needs a prompt and a model call)")
         return list(range(classifier.num_classes))
     picked = classifier.target_indices(classes, len([c for c in str(classes).split(",") if c.strip()]), node=NODE)
-    return sorted(set(picked.tolist()))
+    indices = sorted(set(picked.tolist()))
+    if len(indices) < 2:
+        raise ClassifierError(f"{NODE}: classes ({classes!r}) names {len(indices)} distinct class; list at least two "
+                              "comma-separated labels the target can be confused with, or leave classes empty for "
+                              "every label")
+    return indices
 
 
 def _rows(cond: list, idx: torch.Tensor, batch: int) -> list:
@@ -80,7 +85,7 @@ class GFCGGuider(comfy.samplers.CFGGuider):
         super().__init__(patched)
         self.classifier, self.target, self.class_conds = classifier, target, dict(class_conds)
         self.s_max, self.start_percent, self.end_percent = float(s_max), start_percent, end_percent
-        self.decoder = pick_decoder(patched.get_model_object("latent_format"), decoder)
+        self.decoder = pick_decoder(patched.get_model_object("latent_format"), decoder, node=NODE)
         self.latent_format = patched.get_model_object("latent_format")
         self.candidates = torch.zeros(classifier.num_classes, dtype=torch.bool)
         self.candidates[list(self.class_conds)] = True

@@ -125,7 +125,8 @@ def load(path: str | Path, *, node: str = "GL_HypernetworkLoader") -> Hypernet:
     sd, meta = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
     if not meta or meta.get("format") != FORMAT:
         raise HypernetError(f"{node}: '{path.name}' is not a Guidance Lab hypernetwork (format "
-                            f"{(meta or {}).get('format')!r}); core's HypernetworkLoader reads old-style hypernetworks")
+                            f"{(meta or {}).get('format')!r}); pick a file written by GL_HypernetworkTrain (core's "
+                            "HypernetworkLoader reads old-style hypernetworks)")
     targets = [hk.Target(str(k), int(o), int(i)) for k, o, i in json.loads(meta["targets"])]
     with torch.inference_mode(False):
         module = hk.HyperNetwork(targets, json.loads(meta["config"]))

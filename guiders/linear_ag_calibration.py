@@ -27,6 +27,7 @@ import comfy.utils
 
 from ..kernels.linear_ag import LinearAGFit, load_coefficients, save_coefficients
 from .adaptive import WRAPPER_KEY as AG_WRAPPER_KEY
+from .family import check_latent
 from .run_state import NAMESPACE, install_run_state, run_state, step_index
 
 NODE = "GL_LinearAGCalibrate"
@@ -169,6 +170,7 @@ def calibrate_linear_ag(model, positives: list, negative, *, steps: int, cfg: fl
     check_calibration(n_prompts=len(positives), negative=negative, steps=steps, cfg=cfg,
                       sampler_name=sampler_name, scheduler=scheduler)
     samples = latent["samples"] if isinstance(latent, dict) else latent
+    check_latent(model, samples, node=NODE)
     m = model.clone()
     for key in (AG_WRAPPER_KEY, f"{NAMESPACE}.linear_ag"):     # methods that skip the uncond would poison the fit
         m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, key)

@@ -114,8 +114,8 @@ class MultiModelGuider(comfy.samplers.CFGGuider):
         self.alias = {POSITIVE_2: POSITIVE} if positive_2 is None else {}
         names = {self.alias.get(t.cond, t.cond) for t in self.recipe.terms} | {self.recipe.ref_cond}
         if NEGATIVE in names and negative is None:
-            raise TwoModelError(f"{NODE}: mode '{self.mode}' needs a negative conditioning (an empty prompt is "
-                                "the usual unconditional branch)")
+            raise TwoModelError(f"{NODE}: mode '{self.mode}' needs a negative conditioning; connect the negative "
+                                "input (an empty prompt is the usual unconditional branch)")
         conds = {POSITIVE: positive, NEGATIVE: negative,
                  POSITIVE_2: positive_2 if positive_2 is not None else positive}
         if self.second is None and not self.model_2_given and self.mode in NEEDS_SECOND:

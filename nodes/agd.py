@@ -12,10 +12,12 @@ from ..guiders import agd_collect as col
 from ..guiders import agd_train as tr
 from ..guiders.nfe import install_nfe_counter
 from ._registry import register
+from ._validate import choice_error, filename_prefix_error
 
 AdapterType = io.Custom("GL_AGD_ADAPTER")
 DataType = io.Custom("GL_AGD_DATA")
 DEFAULT_FILE = "demo_agd.safetensors"
+SAVE_TO = ("gl_agd", "output")
 PAPER = "Adapter Guidance Distillation (Jensen & Sadat, TMLR 2025, arXiv:2503.07274)"
 PLACEMENT = ("Adapters sit on every cross-attention of UNet models (the authors' attention adapter, conditioned on ω, "
              "an optional time token and the prompt tokens) and, as Guidance Lab's design for SD3/Flux, as additive "
@@ -130,7 +132,7 @@ class AGDTrain(io.ComfyNode):
                     "Save a checkpoint to output/agd/ every N steps (0 = none).")),
                 io.String.Input("filename_prefix", default="agd/adapter", tooltip=(
                     "File name prefix: <prefix>_NNNNN_.safetensors (empty = do not save).")),
-                io.Combo.Input("save_to", options=["gl_agd", "output"], default="gl_agd", tooltip=(
+                io.Combo.Input("save_to", options=list(SAVE_TO), default="gl_agd", tooltip=(
                     "gl_agd = models/gl_agd (GL_AGDLoader lists it after a refresh); output = the output folder.")),
                 AdapterType.Input("resume", optional=True, tooltip=(
                     "Continue training these adapters (their architecture is kept; hidden etc. are ignored).")),
@@ -139,6 +141,11 @@ class AGDTrain(io.ComfyNode):
             is_experimental=True,
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix=None, save_to=None):
+        return (filename_prefix_error("GL_AGDTrain", filename_prefix)
+                or choice_error("GL_AGDTrain", "save_to", save_to, SAVE_TO) or True)
 
     @classmethod
     def execute(cls, model, data, hidden, fourier_features, use_prompt, time_token, steps, batch_size,

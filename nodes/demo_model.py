@@ -14,8 +14,8 @@ NAMES = {label: name for name, label in LABELS.items()}
 def _missing_message(label: str) -> str:
     name = NAMES.get(label, label)
     folders = ", ".join(dm.weight_folders())
-    return (f"The demo model weights '{dm.CHECKPOINTS.get(name, label)}' are not there yet (looked in: {folders}). "
-            + dm.TRAIN_HINT)
+    return (f"GL_DemoModelLoader: the demo model weights '{dm.CHECKPOINTS.get(name, label)}' are not there yet "
+            f"(looked in: {folders}). " + dm.TRAIN_HINT)
 
 
 @register
@@ -55,7 +55,7 @@ class DemoModelLoader(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, checkpoint):
         if checkpoint not in NAMES:
-            return f"unknown checkpoint {checkpoint!r}; choose one of {list(NAMES)}"
+            return f"GL_DemoModelLoader: unknown checkpoint {checkpoint!r}; choose one of {list(NAMES)}"
         if dm.find_checkpoint(NAMES[checkpoint]) is None:
             return _missing_message(checkpoint)
         return True

@@ -7,8 +7,10 @@ from comfy_api.latest import io, ui
 from ..guiders import erasure as er
 from ..guiders import erasure_train as ert
 from ._registry import register
+from ._validate import choice_error, filename_prefix_error
 
 ErasureType = io.Custom("GL_ERASURE")
+SAVE_TO = ("loras", "output")
 
 
 @register
@@ -120,13 +122,18 @@ class SaveErasureLoRA(io.ComfyNode):
                     "form's update has rank ≤ the number of erased token states).")),
                 io.Float.Input("energy", default=0.999, min=0.5, max=1.0, step=0.001, tooltip=(
                     "rank 0 only: share of the update's squared singular values to keep (1 = exact).")),
-                io.Combo.Input("save_to", options=["loras", "output"], default="loras", tooltip=(
+                io.Combo.Input("save_to", options=list(SAVE_TO), default="loras", tooltip=(
                     "loras = the first models/loras folder (LoraLoader lists it after a refresh); output = "
                     "ComfyUI's output folder.")),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="The written file.")],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix=None, save_to=None):
+        return (filename_prefix_error("GL_SaveErasureLoRA", filename_prefix)
+                or choice_error("GL_SaveErasureLoRA", "save_to", save_to, SAVE_TO) or True)
 
     @classmethod
     def execute(cls, erasure, filename_prefix, rank, energy, save_to) -> io.NodeOutput:

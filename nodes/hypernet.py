@@ -7,9 +7,11 @@ from comfy_api.latest import io, ui
 from ..guiders import hypernet as hn
 from ..guiders import hypernet_train as ht
 from ._registry import register
+from ._validate import choice_error, filename_prefix_error
 
 HypernetType = io.Custom("GL_HYPERNET")
 DEFAULT_FILE = "demo_hypernet.safetensors"
+SAVE_TO = ("gl_hypernetworks", "output")
 DESIGN_NOTE = (
     "Hypernetwork personalization after Shrestha et al. (arXiv 2511.03156): the paper predicts LoRA weights from "
     "subject images with a network trained end to end with an output regularisation; its encoder, decoder, layer "
@@ -153,7 +155,7 @@ class HypernetworkTrain(io.ComfyNode):
                     "Save a checkpoint to output/hypernet/ every N steps (0 = none).")),
                 io.String.Input("filename_prefix", default="hypernet/trained", tooltip=(
                     "File name prefix: <prefix>_NNNNN_.safetensors (empty = do not save).")),
-                io.Combo.Input("save_to", options=["gl_hypernetworks", "output"], default="gl_hypernetworks",
+                io.Combo.Input("save_to", options=list(SAVE_TO), default="gl_hypernetworks",
                                tooltip=("gl_hypernetworks = the first models/gl_hypernetworks folder (the loader "
                                         "lists it after a refresh); output = ComfyUI's output folder.")),
                 HypernetType.Input("resume", optional=True, tooltip=(
@@ -163,6 +165,11 @@ class HypernetworkTrain(io.ComfyNode):
             is_experimental=True,
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix=None, save_to=None):
+        return (filename_prefix_error("GL_HypernetworkTrain", filename_prefix)
+                or choice_error("GL_HypernetworkTrain", "save_to", save_to, SAVE_TO) or True)
 
     @classmethod
     def execute(cls, model, clip, vae, source, folder, subjects, layers, rank, width, depth, steps, learning_rate,
@@ -209,6 +216,11 @@ class DemoSubjectImages(io.ComfyNode):
             outputs=[io.Image.Output(display_name="images", tooltip="The subject images (IMAGE batch)."),
                      io.String.Output(display_name="description", tooltip="The subject's pattern and parameters.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, split=None):
+        from ..demo import subjects
+        return choice_error("GL_DemoSubjectImages", "split", split, subjects.SPLITS) or True
 
     @classmethod
     def execute(cls, subject, split, count, start, size) -> io.NodeOutput:

@@ -7,6 +7,7 @@ from comfy_api.latest import io, ui
 from ..guiders import linear_ag_calibration as cal
 from ..guiders.linear_ag import check_settings, patch_linear_ag
 from ._registry import register
+from ._validate import filename_prefix_error
 
 LinearAGType = io.Custom("GL_LINEAR_AG")
 DESIGN = ("The predictor's regressors (D_c,k, D_u,k−1, D_c,k−1) are Guidance Lab's labelled DESIGN: the paper's "
@@ -122,8 +123,8 @@ class LinearAGCalibrate(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, prompts=None):
-        return _too_few(prompts) or True
+    def validate_inputs(cls, prompts=None, filename_prefix=None):
+        return _too_few(prompts) or filename_prefix_error("GL_LinearAGCalibrate", filename_prefix) or True
 
     @classmethod
     def execute(cls, model, clip, prompts, negative, latent, seed, steps, cfg, sampler_name, scheduler,

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..guiders import multi_condition as mc
 from ._registry import register
-from ._validate import percent_range_error
+from ._validate import choice_error, percent_range_error
 
 FORM_OPTIONS = ["nested", "nested (combine inputs)", "composable"]
 
@@ -73,6 +73,9 @@ class MultiConditionGuider(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, form=None, refresh_every=None, start_1=None, end_1=None, start_2=None, end_2=None,
                         start_3=None, end_3=None, start_4=None, end_4=None):
+        bad_form = choice_error("GL_MultiConditionGuider", "form", form, FORM_OPTIONS)
+        if bad_form:
+            return bad_form
         pairs = [(start_1, end_1), (start_2, end_2), (start_3, end_3), (start_4, end_4)]
         for i, (start, end) in enumerate(pairs, 1):
             err = percent_range_error("GL_MultiConditionGuider", **{f"start_{i}": start, f"end_{i}": end})

@@ -5,6 +5,7 @@ from comfy_api.latest import io
 
 from ..guiders.tiny_models import ARCHS, build_conditioning, build_model
 from ._registry import register
+from ._validate import choice_error
 
 
 @register
@@ -30,6 +31,10 @@ class TinyTestModel(io.ComfyNode):
                      io.Conditioning.Output(display_name="positive", tooltip="Random conditioning (prompt stand-in)."),
                      io.Conditioning.Output(display_name="negative", tooltip="Another random conditioning.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, architecture=None):
+        return choice_error("GL_TinyTestModel", "architecture", architecture, ARCHS) or True
 
     @classmethod
     def execute(cls, architecture, seed) -> io.NodeOutput:

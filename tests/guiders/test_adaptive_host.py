@@ -64,6 +64,25 @@ def test_after_the_switch_the_result_is_the_hosts_cfg1_path(ag, tiny, cond):
     torch.testing.assert_close(out, _split_reference(m, pos, neg, 6.0, STEPS, 0), rtol=1e-5, atol=1e-5)
 
 
+def test_later_predict_noise_wrappers_run_on_conditional_only_steps(ag, tiny, cond):
+    """Another node's PREDICT_NOISE wrapper added after Adaptive Guidance (a cache, say) sees every step, the
+    conditional-only ones included, and on those it sees the host's cfg = 1 call (no negative, scale 1)."""
+    import comfy.patcher_extension
+    m = tiny("sd15_eps")
+    pos, neg = cond("sd15_eps", 1), cond("sd15_eps", 2)
+    seen = []
+
+    def later(executor, x, timestep, model_options={}, seed=None):
+        g = executor.class_obj
+        seen.append((g.cfg, g.conds.get("negative") is not None))
+        return executor(x, timestep, model_options, seed)
+    patched = ag.patch_adaptive_guidance(m, threshold=-1.0).clone()
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "test_later", later)
+    out = run(patched, pos, neg, 6.0, steps=STEPS)
+    assert seen == [(6.0, True)] + [(1.0, False)] * (STEPS - 1)
+    torch.testing.assert_close(out, _split_reference(m, pos, neg, 6.0, STEPS, 0), rtol=1e-5, atol=1e-5)
+
+
 def _core(node, model, **widgets):
     import nodes
     cls = nodes.NODE_CLASS_MAPPINGS[node]

@@ -3,13 +3,9 @@ example workflows are served, and every workflow converts, queues over HTTP and 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from types import SimpleNamespace
 
 import pytest
+import serverutil
 
 from test_workflows import REPO, WORKFLOWS, wa
 
@@ -19,40 +15,13 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 PACK = host_module.PACK_FOLDER
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = host_module.comfy_root()
-    base = tmp_path_factory.mktemp("comfy-base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / PACK).symlink_to(REPO, target_is_directory=True)
-    port = _free_port()
-    log_path = base / "server.log"
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(base),
-           "--database-url", "sqlite:///:memory:"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}      # tiny models; avoids OpenMP stalls on a busy small machine
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
     try:
-        try:
-            info = wa.wait_for_server(url, timeout=240, alive=lambda: proc.poll() is None)
-        except TimeoutError:
-            pytest.fail(f"server did not come up (exit code {proc.poll()}):\n{log_path.read_text()[-4000:]}")
-        yield SimpleNamespace(url=url, info=info, base=base, log=lambda: log_path.read_text())
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with serverutil.serve(tmp_path_factory.mktemp("comfy-base"), wa=wa) as srv:
+            yield srv
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def test_pack_imports_cleanly(server):
