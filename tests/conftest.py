@@ -35,3 +35,37 @@ def clip64(host):
     cfg["text"].update(hidden_size=64, intermediate_size=128, num_attention_heads=2, projection_dim=64)
     cfg["unet"]["context_dim"] = 64
     return dm.build_demo_model(cfg, 3)[1]
+
+
+# tiny random-weight models of the real architectures, shared by the host tiers (guiders/, composition/)
+@pytest.fixture(scope="session")
+def tiny(host):
+    """tiny(arch, seed=0) -> ModelPatcher (cached per arch/seed)."""
+    builder = host.pack("guiders.tiny_models")
+    cache = {}
+
+    def get(arch, seed=0):
+        if (arch, seed) not in cache:
+            cache[(arch, seed)] = builder.build_model(arch, seed)
+        return cache[(arch, seed)]
+    return get
+
+
+@pytest.fixture(scope="session")
+def cond(host):
+    builder = host.pack("guiders.tiny_models")
+    return builder.build_conditioning
+
+
+@pytest.fixture(scope="session")
+def text_model(host):
+    """text_model(family) -> (ModelPatcher, CLIP): a tiny SDXL, SD3 or Flux model with the host's own text
+    encoder classes shrunk to match (cached per family)."""
+    builder = host.pack("guiders.tiny_models")
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = builder.build_text_model(family)
+        return cache[family]
+    return get

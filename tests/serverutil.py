@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import host as host_module
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,3 +61,16 @@ def serve(base: Path, *, wa, timeout: float = 240.0, threads: int = 1, pack: boo
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def module_server(prefix: str, *, wa, **options):
+    """A module-scoped pytest fixture yielding serve()'s server (base directory under pytest's tmp path); a server
+    that does not come up fails the tests that use it, with the log's tail."""
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory):
+        try:
+            with serve(tmp_path_factory.mktemp(prefix), wa=wa, **options) as srv:
+                yield srv
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+    return server

@@ -99,13 +99,7 @@ def _cached_nodes(entry: dict) -> set[str]:
     return cached
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    try:
-        with serverutil.serve(tmp_path_factory.mktemp("comfy-soak"), wa=wa) as srv:
-            yield srv
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
+server = serverutil.module_server("comfy-soak", wa=wa)
 
 
 def test_soak(server):

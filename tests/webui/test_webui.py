@@ -33,13 +33,7 @@ def loop():
     loop.close()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    try:
-        with serverutil.serve(tmp_path_factory.mktemp("comfy-webui"), wa=wa) as srv:
-            yield srv
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
+server = serverutil.module_server("comfy-webui", wa=wa)
 
 
 @pytest.fixture(scope="module")

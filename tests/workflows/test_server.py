@@ -15,13 +15,7 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 PACK = host_module.PACK_FOLDER
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    try:
-        with serverutil.serve(tmp_path_factory.mktemp("comfy-base"), wa=wa) as srv:
-            yield srv
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
+server = serverutil.module_server("comfy-base", wa=wa)
 
 
 def test_pack_imports_cleanly(server):
