@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-import comfy.model_base
 
 from ..kernels import agd as ak
+from .family import network_family as family
 from .weight_files import WeightFolder
 
 NODE = "GL_AGDApply"
@@ -61,15 +61,6 @@ class AGDAdapter:
 
     def parameters(self) -> int:
         return sum(p.numel() for p in self.modules.parameters())
-
-
-def family(model) -> str:
-    inner = model.model
-    if isinstance(inner, comfy.model_base.Flux):
-        return "Flux"
-    if isinstance(inner, comfy.model_base.SD3):
-        return "SD3"
-    return "UNet"
 
 
 def sites(model, *, node: str = NODE) -> dict[str, tuple[int, ...]]:

@@ -1,6 +1,7 @@
 """Which model family a ComfyUI model belongs to, in the terms the kernels need."""
 from __future__ import annotations
 
+import comfy.model_base
 import comfy.model_sampling as ms
 
 from ..kernels.coords import FLOW, VE, Coords
@@ -62,3 +63,14 @@ def in_window(model_sampling, sigma: float, start_percent: float, end_percent: f
     """Whether σ lies in the schedule window [start_percent, end_percent] (0 = noisiest), inclusive."""
     return (float(model_sampling.percent_to_sigma(end_percent)) <= float(sigma)
             <= float(model_sampling.percent_to_sigma(start_percent)))
+
+
+def network_family(model) -> str:
+    """The network layout of a ModelPatcher's model: "Flux", "SD3" or "UNet" (SD1.x, SD2.x, SDXL, the demo model) —
+    the family names the adapter and hypernetwork files record."""
+    inner = model.model
+    if isinstance(inner, comfy.model_base.Flux):
+        return "Flux"
+    if isinstance(inner, comfy.model_base.SD3):
+        return "SD3"
+    return "UNet"

@@ -16,10 +16,10 @@ import torch
 
 import comfy.hooks
 import comfy.lora
-import comfy.model_base
 import comfy.model_patcher
 
 from ..kernels import hypernet as hk
+from .family import network_family as family
 from .weight_files import WeightFolder
 
 NODE = "GL_Personalize"
@@ -67,16 +67,6 @@ class Hypernet:
     @property
     def targets(self) -> list[hk.Target]:
         return self.module.targets
-
-
-def family(model) -> str:
-    """UNet (SD1.x/SD2.x/SDXL/demo), SD3 or Flux: the family names used in LAYERS and in the file."""
-    inner = model.model
-    if isinstance(inner, comfy.model_base.Flux):
-        return "Flux"
-    if isinstance(inner, comfy.model_base.SD3):
-        return "SD3"
-    return "UNet"
 
 
 def targets_for(model, layers: str = "attention", *, node: str = NODE) -> list[hk.Target]:
