@@ -124,7 +124,20 @@ def extra_configs() -> list[Config]:
                "DynCFG cfg5", classifier_scale=1.0),
         Config("dyncfg_clip-5", "Dynamic CFG, cfg 5 × (0.5, 1, 2, 3), clipping only", "dyncfg", 5.0,
                "DynCFG clip cfg5", classifier_scale=0.0)] + two_model_configs() + fkc_configs() + linear_ag_configs() \
-        + agd_configs() + diffier_configs()
+        + agd_configs() + diffier_configs() + ag_sweep_configs()
+
+
+AG_SWEEP_THRESHOLDS = (0.98, 0.985, 0.995)
+
+
+def ag_sweep_configs() -> list[Config]:
+    """Adaptive Guidance at other thresholds γ̄ (the node default 0.99 is the standard row ag-5)."""
+    return [Config(f"ag{t:g}-5", f"Adaptive Guidance, cfg 5 (γ̄ {t:g})", "ag", 5.0, f"AG {t:g} cfg5", threshold=t)
+            for t in AG_SWEEP_THRESHOLDS]
+
+
+AG_SWEEP_CONFIGS = "cfg-5," + ",".join(f"ag{t:g}-5" for t in AG_SWEEP_THRESHOLDS[:2]) + ",ag-5," + \
+    ",".join(f"ag{t:g}-5" for t in AG_SWEEP_THRESHOLDS[2:]) + ",ag_strict-5"
 
 
 def agd_configs() -> list[Config]:
@@ -209,6 +222,7 @@ ROW_SETS = {
                   "LinearAG with calibrated coefficients on the demo model (CPU)", None),
     "fkc": (FKC_CONFIGS, "fkc_demo", "FKC particles: CFG target and product of experts on the demo model (CPU)", 0.0),
     "agd": (AGD_CONFIGS, "agd", "Adapter guidance distillation on the demo model (CPU)", None),
+    "ag-sweep": (AG_SWEEP_CONFIGS, "ag_sweep", "Adaptive Guidance threshold sweep on the demo model (CPU)", None),
     "diffier": (DIFFIER_CONFIGS, "diffier", "DiffIER sampler (iterative error reduction) across CFG scales on the demo "
                 "model (CPU)", None),
 }

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+import comfy.hooks
 import comfy.lora
 import comfy.model_base
 import comfy.model_patcher
@@ -308,6 +309,22 @@ def _templates(choice: str, custom: str) -> tuple[str, ...]:
     if choice not in TEMPLATES:
         raise ValueError(f"{NODE}: templates {choice!r}: choose one of {', '.join([*TEMPLATES, 'custom'])}")
     return TEMPLATES[choice]
+
+
+def erasure_hooks(edit: ErasureEdit, model: comfy.model_patcher.ModelPatcher) -> comfy.hooks.HookGroup | None:
+    """The edit as a HOOKS group (one ComfyUI weight hook holding the same ΔW at the same strength). Attached to a
+    conditioning (core Cond Set Props), only that conditioning's model calls run with the edited weights: every
+    other one — CFG's negative/unconditional branch included — runs the original weights bit for bit, because the
+    host restores them from its own copy between groups. None for an empty edit (nothing to attach)."""
+    if not edit.deltas:
+        return None
+    state = model.model_state_dict()
+    hook = comfy.hooks.WeightHook(strength_model=edit.strength, strength_clip=0.0)
+    hook.weights = {k: (d.to(state[k].dtype),) for k, d in edit.deltas.items()}
+    hook.need_weight_init = False                 # already keyed by the model's weight names: no LoRA key map
+    group = comfy.hooks.HookGroup()
+    group.add(hook)
+    return group
 
 
 # --------------------------------------------------------------------------------------------------- LoRA export

@@ -33,7 +33,11 @@ class ConceptErase(io.ComfyNode):
                 "stacking two nodes composes; it saves as a LoRA with GL_SaveErasureLoRA). protect_uncond (a "
                 "Guidance Lab design) removes from the update every direction of the unconditional prompts' token "
                 "states (and pooled vectors), so the unconditional prediction stays the original's (to float "
-                "rounding). 0 extra NFEs; seconds to compute. Other families get a clear error."),
+                "rounding). 0 extra NFEs; seconds to compute. Other families get a clear error. The hooks output "
+                "carries the same edit as a ComfyUI hook group: attach it to the positive prompt(s) with core Cond "
+                "Set Props and sample with the original model, and only those prompts see the edit while the "
+                "negative/unconditional branch runs the original weights bit for bit (the positive and negative "
+                "then run as two model calls per step instead of one batched call)."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to edit: SD1.x, SD2.x, SDXL, SD3 or Flux (it is cloned; "
                                "the original is unchanged)."),
@@ -86,7 +90,11 @@ class ConceptErase(io.ComfyNode):
             outputs=[io.Model.Output(display_name="model", tooltip="A clone with the erasure as weight patches."),
                      ErasureType.Output(display_name="erasure", tooltip=(
                          "The edit itself (ΔW per projection and settings): connect GL_SaveErasureLoRA to save "
-                         "it as a LoRA file."))],
+                         "it as a LoRA file.")),
+                     io.Hooks.Output(display_name="hooks", tooltip=(
+                         "The same edit as a hook group, for conditionings (core Cond Set Props → hooks): "
+                         "sample with the original model; only the hooked prompts are edited and the "
+                         "unconditional branch stays bit-identical. Empty when nothing is erased."))],
         )
 
     @classmethod
@@ -97,7 +105,7 @@ class ConceptErase(io.ComfyNode):
             preserve_scale=preserve_scale, lam=lam, token_mode=token_mode, templates=templates,
             custom_templates=custom_templates, targets=targets, protect_uncond=protect_uncond,
             uncond_prompts=uncond_prompts, strength=strength)
-        return io.NodeOutput(m, edit)
+        return io.NodeOutput(m, edit, er.erasure_hooks(edit, model))
 
 
 @register

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from erasure_hooks import check_hooks_case, hooks_case
 from hostutil import encode
 from hostutil import original_weights, run
 
@@ -157,3 +158,10 @@ def test_fine_tuning_refuses_a_unet_choice_on_flux(ert, text_model):
     with pytest.raises(ValueError, match=r"GL_ConceptEraseTrain: trainable 'attn2 k/v' names UNet cross-attention, "
                                          r"which Flux does not have"):
         ert.train_erasure(model, clip, {"samples": torch.zeros(1, 3, 16, 16)}, erase="dog", trainable="attn2 k/v")
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_hooks_erase_the_hooked_prompt_and_keep_the_unconditional_branch_bit_identical(er, text_model, family):
+    model, clip = text_model(family)
+    check_hooks_case(*hooks_case(er, model, clip, "a dog", erase="dog", alternative="cat",
+                                 token_mode="all_content", erase_scale=4.0, protect_uncond=False))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hostutil import encode
+from erasure_hooks import check_hooks_case, hooks_case
 from hostutil import original_weights, run
 
 
@@ -160,3 +161,18 @@ def test_bad_inputs_get_clear_errors(er, demo_model, tiny, clip64):
     _m, empty = er.concept_erase(patcher, clip, erase="")
     with pytest.raises(ValueError, match="GL_SaveErasureLoRA: the erasure is empty"):
         er.save_lora(empty, "x")
+
+
+
+def test_hooks_erase_the_hooked_prompt_and_keep_the_unconditional_branch_bit_identical(er, demo_model):
+    patcher, clip, _vae = demo_model
+    before = original_weights(patcher)
+    check_hooks_case(*hooks_case(er, patcher, clip, "a red circle", erase="circle", alternative="square",
+                                 token_mode="all", erase_scale=4.0, protect_uncond=False))
+    assert all(torch.equal(v, before[k]) for k, v in original_weights(patcher).items())
+
+
+def test_an_empty_erasure_has_no_hooks(er, demo_model):
+    patcher, clip, _vae = demo_model
+    _m, edit = er.concept_erase(patcher, clip, erase="")
+    assert er.erasure_hooks(edit, patcher) is None

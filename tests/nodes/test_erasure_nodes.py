@@ -21,9 +21,12 @@ def _erase(nodes_mod, model, clip, **kw):
 def test_concept_erase_node_returns_a_patched_clone_and_its_edit(nodes_mod, demo_model, host):
     patcher, clip, _vae = demo_model
     out = _erase(nodes_mod, patcher, clip, targets="V only")
-    model, edit = out.result
+    model, edit, hooks = out.result
     er = host.pack("guiders.erasure")
     assert isinstance(edit, er.ErasureEdit) and model is not patcher
+    import comfy.hooks
+    assert isinstance(hooks, comfy.hooks.HookGroup) and len(hooks.hooks) == 1
+    assert set(hooks.hooks[0].weights) == set(edit.deltas)
     assert edit.deltas and all(k.endswith("attn2.to_v.weight") for k in edit.deltas)
     assert set(edit.deltas) <= set(model.patches) and not set(edit.deltas) & set(patcher.patches)
 
@@ -31,7 +34,7 @@ def test_concept_erase_node_returns_a_patched_clone_and_its_edit(nodes_mod, demo
 def test_save_node_writes_a_lora_file_into_the_output_folder(nodes_mod, demo_model):
     import folder_paths
     patcher, clip, _vae = demo_model
-    _model, edit = _erase(nodes_mod, patcher, clip).result
+    _model, edit, _hooks = _erase(nodes_mod, patcher, clip).result
     out = nodes_mod.SaveErasureLoRA.execute(edit, "erasure_test/x", 0, 1.0, "output")
     path = Path(out.result[0])
     assert path.is_file() and path.parent == Path(folder_paths.get_output_directory()) / "erasure_test"
