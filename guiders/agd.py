@@ -159,46 +159,10 @@ def apply_adapters(model, adapter: AGDAdapter, omega: float, *, strength: float 
     return m
 
 
-class _StaticTokens:
-    """Keys and values of the adapter tokens that stay the same between sampling steps (ψ(ω) and the prompt
-    tokens), per site, computed once and reused while the prompt, ω, the batch, the device and the adapter's weights
-    are unchanged. The prompt is compared by value once per forward pass (every site receives the same context
-    tensor), so the cache is never stale: another prompt or batch recomputes, a later run with the same prompt
-    reuses it. Training (gradients on) and per-row ω never use it."""
-
-    def __init__(self):
-        self.kv: dict[str, tuple] = {}
-        self.context = None          # the last context tensor seen, and whether it equalled the cached prompt
-        self.prompt = None
-        self.same_prompt = False
-
-    def _prompt_unchanged(self, context) -> bool:
-        if context is None:
-            return True
-        if context is not self.context:
-            self.same_prompt = (self.prompt is not None and self.prompt.shape == context.shape
-                                and self.prompt.device == context.device and torch.equal(self.prompt, context))
-            if not self.same_prompt:
-                self.kv.clear()
-                self.prompt = context
-            self.context = context
-        return self.same_prompt
-
-    def get(self, name: str, mod, w: torch.Tensor, omega_key, context):
-        version = sum(p._version for p in mod.parameters())
-        key = (omega_key, version, str(w.device), None if context is None else tuple(context.shape))
-        hit = self.kv.get(name)
-        if not self._prompt_unchanged(context) or hit is None or hit[0] != key:
-            hit = (key, mod.static_kv(w, context))
-            self.kv[name] = hit
-        return hit[1]
-
-
 def _patch_unet(m, adapter: AGDAdapter, omega: float, strength: float) -> None:
     ms = m.get_model_object("model_sampling")
     stash: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     warned: list = []
-    static = _StaticTokens()
 
     def site(extra_options: dict) -> str:
         kind, idx = extra_options["block"]
@@ -220,13 +184,7 @@ def _patch_unet(m, adapter: AGDAdapter, omega: float, strength: float) -> None:
             t = ms.timestep(sigma.float()).reshape(-1)
             t_emb = ak.timestep_features(t.repeat_interleave(h.shape[0] // t.shape[0]), TIME_FEATURES)
         ctx = context if mod.prompt is not None else None
-        per_row = extra_options.get("guidance_lab", {}).get(OMEGA_KEY)
-        if torch.is_grad_enabled() or torch.is_tensor(per_row):
-            res = mod(h, w, t_emb, ctx)
-        else:                     # sampling: ψ(ω) and the prompt tokens' keys/values once, the time token per step
-            k, v = mod.step_kv(static.get(name, mod, w, (float(omega), h.shape[0]), ctx), t_emb)
-            res = mod.attend(h, k, v)
-        return n + (strength * res).to(n.dtype)
+        return n + (strength * mod(h, w, t_emb, ctx)).to(n.dtype)
 
     m.set_model_attn2_patch(keep)
     m.set_model_attn2_output_patch(add)

@@ -98,45 +98,9 @@ class AttentionAdapter(nn.Module):
     def forward(self, h: torch.Tensor, omega: torch.Tensor, time_emb: torch.Tensor | None = None,
                 context: torch.Tensor | None = None) -> torch.Tensor:
         seq = self.tokens(omega, time_emb, context)
-        return self.attend(h, self.k(seq), self.v(seq))
-
-    def attend(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The residual for hidden states h [B, N, d_in] given the keys and values [B, n, hidden]."""
         q = self.q(h.float())
-        att = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        att = F.scaled_dot_product_attention(q[:, None], self.k(seq)[:, None], self.v(seq)[:, None])[:, 0]
         return self.out(att).to(h.dtype)
-
-    def static_kv(self, omega: torch.Tensor, context: torch.Tensor | None = None):
-        """Keys and values of the tokens that do not change between sampling steps — ψ(ω) and the prompt tokens,
-        with their position codes — as ((k_ω, v_ω), (k_prompt, v_prompt) or None). With `step_kv` they give the
-        same keys and values as `tokens` (each token is projected on its own), so a sampler can compute them once
-        per run and only the time token per step."""
-        n_time = 1 if self.time is not None else 0
-        n = 1 + n_time + (context.shape[1] if self.prompt is not None and context is not None else 0)
-        pos = token_positions(n, self.hidden, omega.device)
-        e = self.omega(omega)[:, None] + pos[:1]
-        first = (self.k(e), self.v(e))
-        if self.prompt is None:
-            return first, None
-        if context is None:
-            raise ValueError("this adapter reads the prompt tokens; pass context")
-        p = self.prompt(context.float()) + pos[1 + n_time:]
-        return first, (self.k(p), self.v(p))
-
-    def step_kv(self, static, time_emb: torch.Tensor | None = None):
-        """The full keys and values [B, n, hidden] from `static_kv`'s result and this step's time embedding."""
-        (k, v), prompt = static
-        ks, vs = [k], [v]
-        if self.time is not None:
-            if time_emb is None:
-                raise ValueError("this adapter reads the time embedding; pass time_emb")
-            t = self.time(time_emb.float())[:, None] + token_positions(2, self.hidden, time_emb.device)[1:]
-            ks.append(self.k(t))
-            vs.append(self.v(t))
-        if prompt is not None:
-            ks.append(prompt[0])
-            vs.append(prompt[1])
-        return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 
 
 class AdditiveAdapter(nn.Module):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from kernels import agd
 
@@ -115,20 +114,3 @@ def test_lr_factor_warms_up_then_decays_to_the_floor():
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
     assert f[-1] == pytest.approx(1e-4) and f[10] == pytest.approx(1.0)
     assert agd.lr_factor(0, 1) == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize("d_time,d_context", [(8, 12), (0, 12), (8, 0), (0, 0)])
-def test_static_and_step_keys_values_equal_the_joint_tokens(d_time, d_context):
-    torch.manual_seed(0)
-    ad = agd.AttentionAdapter(24, hidden=32, d_time=d_time, d_context=d_context, seed=3)
-    nn.init.normal_(ad.out.weight)
-    h, w = torch.randn(3, 10, 24), torch.tensor([1.0, 4.0, 9.0])
-    t = torch.randn(3, 8) if d_time else None
-    ctx = torch.randn(3, 5, 12) if d_context else None
-    with torch.no_grad():
-        seq = ad.tokens(w, t, ctx)
-        k, v = ad.step_kv(ad.static_kv(w, ctx), t)
-        torch.testing.assert_close(k, ad.k(seq), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(v, ad.v(seq), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(ad.attend(h, k, v), ad(h, w, t, ctx), rtol=1e-5, atol=1e-6)
-        assert float(ad(h, w, t, ctx).abs().max()) > 0
