@@ -136,8 +136,7 @@ def ag_sweep_configs() -> list[Config]:
             for t in AG_SWEEP_THRESHOLDS]
 
 
-AG_SWEEP_CONFIGS = "cfg-5," + ",".join(f"ag{t:g}-5" for t in AG_SWEEP_THRESHOLDS[:2]) + ",ag-5," + \
-    ",".join(f"ag{t:g}-5" for t in AG_SWEEP_THRESHOLDS[2:]) + ",ag_strict-5"
+AG_SWEEP_CONFIGS = "cfg-5,ag0.98-5,ag0.985-5,ag-5,ag0.995-5,ag_strict-5"
 
 
 def agd_configs() -> list[Config]:
