@@ -239,6 +239,12 @@ def effective_weight(model: comfy.model_patcher.ModelPatcher, key: str, state: d
     return weight
 
 
+def diff_patches(deltas: dict[str, torch.Tensor], state: dict) -> dict:
+    """ΔW per weight key as the host's plain-difference patches, in each weight's dtype (for `add_patches` and for
+    a weight hook)."""
+    return {k: (d.to(state[k].dtype),) for k, d in deltas.items()}
+
+
 def concept_erase(model, clip, *, erase: str, alternative: str = "", preserve: str = "", erase_scale: float = 1.0,
                   preserve_scale: float = 1.0, lam: float = 0.5, token_mode: str = "last_content",
                   templates: str = "none", custom_templates: str = "", targets: str = "K+V",
@@ -288,7 +294,7 @@ def concept_erase(model, clip, *, erase: str, alternative: str = "", preserve: s
         w = effective_weight(model, key, state)
         edit.deltas[key] = ek.closed_form_delta(w, c_erase, w @ c_alt, c_keep, lam=lam, erase_scale=erase_scale,
                                                 preserve_scale=preserve_scale, protect=protect)
-    applied = m.add_patches({k: (d.to(state[k].dtype),) for k, d in edit.deltas.items()}, strength)
+    applied = m.add_patches(diff_patches(edit.deltas, state), strength)
     if len(applied) != len(jobs):
         raise RuntimeError(f"{NODE}: {len(applied)} of {len(jobs)} patches matched the model's weights")
     edit.metadata["seconds"] = round(time.perf_counter() - t0, 3)
@@ -318,9 +324,8 @@ def erasure_hooks(edit: ErasureEdit, model: comfy.model_patcher.ModelPatcher) ->
     host restores them from its own copy between groups. None for an empty edit (nothing to attach)."""
     if not edit.deltas:
         return None
-    state = model.model_state_dict()
     hook = comfy.hooks.WeightHook(strength_model=edit.strength, strength_clip=0.0)
-    hook.weights = {k: (d.to(state[k].dtype),) for k, d in edit.deltas.items()}
+    hook.weights = diff_patches(edit.deltas, model.model_state_dict())
     hook.need_weight_init = False                 # already keyed by the model's weight names: no LoRA key map
     group = comfy.hooks.HookGroup()
     group.add(hook)

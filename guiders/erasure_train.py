@@ -158,7 +158,7 @@ def train_erasure(model, clip, latent: dict, *, erase: str, alternative: str = "
                 a.enabled = False
             tr.unload_wrappers(t, _Adapter)
     m = model.clone()
-    applied = m.add_patches({k: (d.to(base[k].dtype),) for k, d in deltas.items()}, 1.0)
+    applied = m.add_patches(er.diff_patches(deltas, base), 1.0)
     if len(applied) != len(deltas):
         raise RuntimeError(f"{NODE}: {len(applied)} of {len(deltas)} patches matched the model's weights")
     meta = {"erase": erased, "alternative": alts, "preserve": kept, "method": "all-but-one (design)",
