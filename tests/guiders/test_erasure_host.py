@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hostutil import encode
 from erasure_hooks import check_hooks_case, hooks_case
-from hostutil import original_weights, run
+from hostutil import encode, original_weights, run
 
 
 def _effective(er, model, key):
@@ -161,7 +160,6 @@ def test_bad_inputs_get_clear_errors(er, demo_model, tiny, clip64):
     _m, empty = er.concept_erase(patcher, clip, erase="")
     with pytest.raises(ValueError, match="GL_SaveErasureLoRA: the erasure is empty"):
         er.save_lora(empty, "x")
-
 
 
 def test_hooks_erase_the_hooked_prompt_and_keep_the_unconditional_branch_bit_identical(er, demo_model):
