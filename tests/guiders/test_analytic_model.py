@@ -34,3 +34,25 @@ def test_sampling_one_component_hits_its_law(host, kind):
     expect = 3.0 if kind == "flow" else 3.0 * (1 - 1.0 / (1.0 + s_max ** 2) ** 0.5)
     assert abs(vals.mean().item() - expect) < 0.05
     assert abs(vals.std().item() - 1.0) < 0.05
+
+
+@pytest.mark.parametrize("kind", ["eps", "v"])
+def test_fast_timestep_matches_the_hosts_lookup(host, kind):
+    """The analytic model's binary-search timestep returns the host's argmin index for every σ (schedule values,
+    midpoints between table entries, random values, both ends out of range)."""
+    import comfy.model_sampling
+    import comfy.samplers
+    patcher, _ = build_gmm_model([0.0], [1.0], [1.0], kind=kind)
+    ms = patcher.get_model_object("model_sampling")
+    assert ms.timestep.__func__ is not comfy.model_sampling.ModelSamplingDiscrete.timestep
+    table = ms.log_sigmas
+    sigmas = torch.cat([
+        ms.sigmas, ((table[1:] + table[:-1]) / 2).exp(),                       # on and between the table's entries
+        torch.exp(torch.empty(20000).uniform_(float(table[0]) - 2, float(table[-1]) + 2,
+                                              generator=torch.Generator().manual_seed(3))),
+        comfy.samplers.calculate_sigmas(ms, "karras", 1000)[:-1],
+        torch.tensor([1e-6, 1e3])])
+    reference = comfy.model_sampling.ModelSamplingDiscrete.timestep(ms, sigmas)
+    assert torch.equal(ms.timestep(sigmas), reference)
+    even = sigmas[: sigmas.numel() // 2 * 2]                                    # a 2-D σ keeps its shape
+    assert torch.equal(ms.timestep(even.view(2, -1)), reference[: even.numel()].view(2, -1))
