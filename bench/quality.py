@@ -65,7 +65,7 @@ LATENT_WIDGET = 8 * IMAGE_SIZE  # EmptyLatentImage width/height (ComfyUI divides
 PAIR_SEED = 7                   # world seed of the two-object prompts (held-out pair scenes)
 REF_SEED = 11                   # world seed of the real reference images
 DEFAULT_APG_THRESHOLD = 3.0     # see `--apg-threshold`
-DEFAULT_AG_THRESHOLD = 0.99     # GL_AdaptiveGuidance's default γ̄
+DEFAULT_AG_THRESHOLD = 0.985    # GL_AdaptiveGuidance's default γ̄
 TUNED_AG_THRESHOLD = 0.999      # a stricter γ̄: later switch, fewer savings
 MODERATE_SCALES = (3.0, 5.0, 7.5)
 HIGH_SCALES = (10.0, 15.0)
@@ -113,11 +113,15 @@ def all_configs(apg_threshold: float, ag_threshold: float = DEFAULT_AG_THRESHOLD
     return out
 
 
+# EluCD at small classifier scales (cfg, s): the low-scale rows of the --classifier-small row set
+ELUCD_SMALL_SCALES = ((1.0, 0.1), (1.0, 0.25), (1.0, 0.5), (3.0, 0.1), (3.0, 0.25), (3.0, 0.5))
+
+
 def extra_configs() -> list[Config]:
     """Configurations run only when --configs names them (the standard run must fit 30 minutes on 2 cores)."""
     return [Config(f"elucd{s:g}-{c:g}", f"EluCD classifier guidance s {s:g}, cfg {c:g} (demo guidance classifier)",
                    "elucd", c, f"EluCD {s:g} cfg{c:g}", classifier_scale=s)
-            for c, s in ((1.0, 1.0), (3.0, 1.0), (5.0, 0.5), (5.0, 1.0), (5.0, 2.0))] + [
+            for c, s in ((1.0, 1.0), (3.0, 1.0), (5.0, 0.5), (5.0, 1.0), (5.0, 2.0)) + ELUCD_SMALL_SCALES] + [
         Config(f"gfcg{s:g}-{c:g}", f"GFCG s_max {s:g}, cfg {c:g} (demo guidance classifier, 36 classes)", "gfcg", c,
                f"GFCG {s:g} cfg{c:g}", classifier_scale=s) for c, s in ((5.0, 2.0), (5.0, 5.0))] + [
         Config("dyncfg-5", "Dynamic CFG, cfg 5 × (0.5, 1, 2, 3), classifier + clipping", "dyncfg", 5.0,
@@ -127,16 +131,17 @@ def extra_configs() -> list[Config]:
         + agd_configs() + diffier_configs() + ag_sweep_configs()
 
 
-AG_SWEEP_THRESHOLDS = (0.98, 0.985, 0.995)
+AG_SWEEP_THRESHOLDS = (0.98, 0.985, 0.99, 0.995)
 
 
 def ag_sweep_configs() -> list[Config]:
-    """Adaptive Guidance at other thresholds γ̄ (the node default 0.99 is the standard row ag-5)."""
+    """Adaptive Guidance at other thresholds γ̄ (ag-5 is the node default, 0.985; ag0.985-5 the same
+    threshold by value, so commands recorded with it keep their meaning)."""
     return [Config(f"ag{t:g}-5", f"Adaptive Guidance, cfg 5 (γ̄ {t:g})", "ag", 5.0, f"AG {t:g} cfg5", threshold=t)
             for t in AG_SWEEP_THRESHOLDS]
 
 
-AG_SWEEP_CONFIGS = "cfg-5,ag0.98-5,ag0.985-5,ag-5,ag0.995-5,ag_strict-5"
+AG_SWEEP_CONFIGS = "cfg-5,ag0.98-5,ag-5,ag0.99-5,ag0.995-5,ag_strict-5"
 
 
 def agd_configs() -> list[Config]:
@@ -208,11 +213,14 @@ MULTI_CONDITION_CONFIGS = ("cfg-3,cfg-5,multicond-5-2,multicond-5-5,multicond_ar
 CLASSIFIER_CONFIGS = ("cfg-1,cfg-3,cfg-5,cfg-10,cfg-15,elucd1-1,elucd1-3,elucd0.5-5,elucd1-5,elucd2-5,gfcg2-5,gfcg5-5,"
                       "dyncfg-5,dyncfg_clip-5")
 
+CLASSIFIER_SMALL_CONFIGS = "cfg-1,cfg-3," + ",".join(f"elucd{sc:g}-{c:g}" for c, sc in ELUCD_SMALL_SCALES)
 
 # on-request row sets: command-line flag -> (configurations, section, title (None: --title), share of two-object
 # prompts (None: --pair-share, default 0.3))
 ROW_SETS = {
     "classifier": (CLASSIFIER_CONFIGS, "classifier_guidance", None, None),
+    "classifier-small": (CLASSIFIER_SMALL_CONFIGS, "classifier_small_scales",
+                         "EluCD classifier guidance at small scales on the demo model (CPU)", None),
     "two-model": (TWO_MODEL_CONFIGS, "two_model_guidance", "Two-model guidance (autoguidance) on the demo model (CPU)",
                   None),
     "multi-condition": (MULTI_CONDITION_CONFIGS, "multi_condition_guidance",

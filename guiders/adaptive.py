@@ -47,7 +47,7 @@ LOG = logging.getLogger("guidance_lab")
 def check_settings(*, threshold, start_percent, end_percent, batch_policy, space="denoised") -> None:
     """Raise ValueError naming the node, the input and the fix."""
     if not math.isfinite(threshold):
-        raise ValueError(f"{NODE}: threshold ({threshold}) must be a finite number; 0.99 is the usual value, "
+        raise ValueError(f"{NODE}: threshold ({threshold}) must be a finite number; 0.985 is the default, "
                          "values above 1 never switch (plain CFG)")
     if not 0.0 <= start_percent <= 1.0 or not 0.0 <= end_percent <= 1.0:
         raise ValueError(f"{NODE}: start_percent ({start_percent}) and end_percent ({end_percent}) must lie in "
@@ -89,7 +89,7 @@ def _fallback_reason(guider, model_options) -> str | None:
     return None
 
 
-def patch_adaptive_guidance(model, *, threshold: float = 0.99, start_percent: float = 0.0,
+def patch_adaptive_guidance(model, *, threshold: float = 0.985, start_percent: float = 0.0,
                             end_percent: float = 1.0, batch_policy: str = "all", space: str = "denoised"):
     """A clone of `model` whose sampling drops the unconditional branch once cond and uncond agree."""
     check_settings(threshold=threshold, start_percent=start_percent, end_percent=end_percent,
