@@ -79,7 +79,7 @@ def _nearest_timestep(self, sigma):
 
     The host's version forms a [1000, rows] distance table per call, which dominates a model call of the analytic
     net once the batch holds tens of thousands of particles; this one is O(rows · log 1000). Same result, bit for
-    bit (tests/test_analytic_model.py compares the two)."""
+    bit (tests/guiders/test_analytic_model.py compares the two)."""
     log_sigma = sigma.log().to(self.log_sigmas.device)
     table = self.log_sigmas
     flat = log_sigma.reshape(-1).to(table.dtype)
