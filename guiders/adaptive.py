@@ -36,19 +36,20 @@ from .family import coords_for
 from .nfe import current_run, install_nfe_counter
 from .run_state import NAMESPACE, install_run_state, run_state, step_index
 
-__all__ = ["BATCH_POLICIES", "SPACES", "check_settings", "patch_adaptive_guidance"]
+__all__ = ["BATCH_POLICIES", "DEFAULT_THRESHOLD", "SPACES", "check_settings", "patch_adaptive_guidance"]
 
 NODE = "GL_AdaptiveGuidance"
 STATE_KEY = "adaptive_guidance"
 WRAPPER_KEY = f"{NAMESPACE}.{STATE_KEY}"
 LOG = logging.getLogger("guidance_lab")
+DEFAULT_THRESHOLD = 0.985   # γ̄ default; measured on the demo model (README, BENCHMARKS section ag_sweep_large)
 
 
 def check_settings(*, threshold, start_percent, end_percent, batch_policy, space="denoised") -> None:
     """Raise ValueError naming the node, the input and the fix."""
     if not math.isfinite(threshold):
-        raise ValueError(f"{NODE}: threshold ({threshold}) must be a finite number; 0.985 is the default, "
-                         "values above 1 never switch (plain CFG)")
+        raise ValueError(f"{NODE}: threshold ({threshold}) must be a finite number; {DEFAULT_THRESHOLD:g} is the "
+                         "default, values above 1 never switch (plain CFG)")
     if not 0.0 <= start_percent <= 1.0 or not 0.0 <= end_percent <= 1.0:
         raise ValueError(f"{NODE}: start_percent ({start_percent}) and end_percent ({end_percent}) must lie in "
                          "[0, 1] (fractions of the noise schedule, 0 = noisiest)")
@@ -89,7 +90,7 @@ def _fallback_reason(guider, model_options) -> str | None:
     return None
 
 
-def patch_adaptive_guidance(model, *, threshold: float = 0.985, start_percent: float = 0.0,
+def patch_adaptive_guidance(model, *, threshold: float = DEFAULT_THRESHOLD, start_percent: float = 0.0,
                             end_percent: float = 1.0, batch_policy: str = "all", space: str = "denoised"):
     """A clone of `model` whose sampling drops the unconditional branch once cond and uncond agree."""
     check_settings(threshold=threshold, start_percent=start_percent, end_percent=end_percent,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..guiders.adaptive import BATCH_POLICIES, SPACES, check_settings, patch_adaptive_guidance
+from ..guiders.adaptive import BATCH_POLICIES, DEFAULT_THRESHOLD, SPACES, check_settings, patch_adaptive_guidance
 from ._registry import register
 from ._validate import percent_range_error
 
@@ -30,12 +30,12 @@ class AdaptiveGuidance(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (EPS, V-prediction or flow models: SD1.5, "
                                "SDXL, SD3, Flux...). Use it with cfg > 1 and a negative prompt."),
-                io.Float.Input("threshold", default=0.985, min=-1.0, max=1.5, step=0.0005, tooltip=(
+                io.Float.Input("threshold", default=DEFAULT_THRESHOLD, min=-1.0, max=1.5, step=0.0005, tooltip=(
                     "γ̄: switch to conditional-only once the cosine similarity of the conditional and "
                     "unconditional predictions (in `space`) exceeds this. Higher = later switch, closer to CFG, "
-                    "fewer savings; 0.985 default (measured on the demo model: 25–27 % fewer model calls within "
-                    "1 point of CFG's accuracy), 0.98–0.999 sensible; raise it if images lose prompt adherence. "
-                    "Above 1 never switches (exactly plain CFG); −1 switches after the first step.")),
+                    f"fewer savings; {DEFAULT_THRESHOLD:g} default (measured on the demo model: 25–27 % fewer model "
+                    "calls within 1 point of CFG's accuracy), 0.98–0.999 sensible; raise it if images lose prompt "
+                    "adherence. Above 1 never switches (exactly plain CFG); −1 switches after the first step.")),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip=(
                     "Earliest switch, as a fraction of the model's noise schedule (0 = noisiest): the "
                     "unconditional branch is always evaluated before this point.")),

@@ -160,3 +160,11 @@ def test_every_extra_configuration_builds_a_valid_graph(quality):
     finally:
         for key in quality.BENCH_NODES:
             nodes.NODE_CLASS_MAPPINGS.pop(key, None)
+
+
+def test_bench_ag_default_is_the_nodes(quality):
+    """The ag-5 rows claim the node default: the bench's copy of γ̄ must be the guider's."""
+    adaptive = quality.host.boot().pack("guiders.adaptive")
+    assert quality.DEFAULT_AG_THRESHOLD == adaptive.DEFAULT_THRESHOLD
+    assert next(c for c in quality.all_configs(3.0) if c.key == "ag-5").label.endswith(
+        f"(γ̄ {adaptive.DEFAULT_THRESHOLD:g})")
