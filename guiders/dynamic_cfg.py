@@ -56,7 +56,7 @@ def check_settings(*, multipliers, max_change, alignment_weight, fidelity_weight
 def patch_dynamic_cfg(model, *, classifier=None, target: str = "", multipliers="0.5, 0.75, 1, 1.25, 1.5",
                       max_change: float = 1.0, alignment_weight: float = 1.0, fidelity_weight: float = 1.0,
                       start_percent: float = 0.0, end_percent: float = 0.7, decoder: str = "auto",
-                      evaluators: list[Callable] | None = None, trace: dict | None = None):
+                      evaluators: list[Callable] | None = None, trace: dict | None = None, vae=None):
     """A clone of `model` whose CFG scale is chosen per step and per sample. `evaluators`: extra callables
     (images [B, 3, H, W] in about [0, 1], candidate scale) -> score [B], higher is better, weighted like the
     alignment score (for custom scorers and tests). `trace`: a dict whose "last" is set to each run's
@@ -67,7 +67,7 @@ def patch_dynamic_cfg(model, *, classifier=None, target: str = "", multipliers="
     if classifier is not None:
         classifier.target_indices(target, 1, node=NODE)
     latent_format = model.get_model_object("latent_format")
-    chosen_decoder = pick_decoder(latent_format, decoder, node=NODE)
+    chosen_decoder = pick_decoder(latent_format, decoder, node=NODE, vae=vae)
     extra = list(evaluators or [])
     holder: dict = trace if trace is not None else {}
     holder["last"] = None
@@ -89,7 +89,7 @@ def patch_dynamic_cfg(model, *, classifier=None, target: str = "", multipliers="
                            report)
 
     def scores_of(candidate, scale, targets):
-        image = decode(candidate.float(), latent_format, chosen_decoder)
+        image = decode(candidate.float(), latent_format, chosen_decoder, vae)
         fid = -clipping_penalty(image)
         align = []
         if classifier is not None:

@@ -75,7 +75,7 @@ class GFCGGuider(comfy.samplers.CFGGuider):
     """CFG plus the GFCG term. `class_conds`: classifier index → CONDITIONING of that class's prompt."""
 
     def __init__(self, model_patcher, classifier, target: str, class_conds: dict, *, s_max: float = 2.0,
-                 start_percent: float = 0.0, end_percent: float = 1.0, decoder: str = "auto"):
+                 start_percent: float = 0.0, end_percent: float = 1.0, decoder: str = "auto", vae=None):
         check_settings(s_max=s_max, start_percent=start_percent, end_percent=end_percent)
         if len(class_conds) < 2:
             raise ClassifierError(f"{NODE}: needs at least two candidate classes, got {len(class_conds)}")
@@ -85,7 +85,8 @@ class GFCGGuider(comfy.samplers.CFGGuider):
         super().__init__(patched)
         self.classifier, self.target, self.class_conds = classifier, target, dict(class_conds)
         self.s_max, self.start_percent, self.end_percent = float(s_max), start_percent, end_percent
-        self.decoder = pick_decoder(patched.get_model_object("latent_format"), decoder, node=NODE)
+        self.decoder = pick_decoder(patched.get_model_object("latent_format"), decoder, node=NODE, vae=vae)
+        self.vae = vae
         self.latent_format = patched.get_model_object("latent_format")
         self.candidates = torch.zeros(classifier.num_classes, dtype=torch.bool)
         self.candidates[list(self.class_conds)] = True
@@ -145,7 +146,7 @@ class GFCGGuider(comfy.samplers.CFGGuider):
                                                seed=seed)
         if self.s_max > 0 and "cond" in seen:
             with torch.no_grad():
-                image = decode(seen["cond"].float(), self.latent_format, self.decoder)
+                image = decode(seen["cond"].float(), self.latent_format, self.decoder, self.vae)
                 probs = torch.softmax(self.classifier.logits(image, node=NODE), dim=1)
             ref, frac = gfcg_reference(probs.cpu(), targets, self.candidates)
             self.state = {"ref": ref, "frac": frac.to(x.device)}

@@ -147,3 +147,38 @@ def build_text_model(family: str, seed: int = 0) -> tuple[comfy.model_patcher.Mo
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                                offload_device=comfy.model_management.unet_offload_device())
     return patcher, clip
+
+
+# ------------------------------------------------------------------------------------------------ tiny VAEs
+# Built through comfy.sd.VAE exactly as VAELoader builds them: a TAESD (state dict keys taesd_decoder.* /
+# taesd_encoder.*, the host picks comfy.taesd.taesd.TAESD) and a small AutoencoderKL (the host's class, through
+# VAE's `config` argument). Random weights; `latent_channels` must match the model they decode for.
+
+def build_taesd_vae(latent_channels: int = 4, seed: int = 0) -> comfy.sd.VAE:
+    """A random-weight TAESD VAE object (what VAELoader returns for 'taesd')."""
+    import comfy.taesd.taesd
+    with torch.inference_mode(False):
+        torch.manual_seed(seed)
+        net = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+        _init_weights(net, seed)                 # the host's ops leave weights uninitialised
+        state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        state["vae_scale"] = torch.tensor(1.5)
+        state["vae_shift"] = torch.tensor(0.1)
+    return comfy.sd.VAE(sd=state)
+
+
+def build_kl_vae(latent_channels: int = 4, seed: int = 0) -> comfy.sd.VAE:
+    """A small random-weight AutoencoderKL VAE object (2 resolution levels: 2× up/down)."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    ddconfig = {"double_z": True, "z_channels": latent_channels, "resolution": 32, "in_channels": 3, "out_ch": 3,
+                "ch": 32, "ch_mult": [1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    config = {"params": {"ddconfig": ddconfig, "embed_dim": latent_channels}}
+    with torch.inference_mode(False):
+        torch.manual_seed(seed)
+        net = AutoencoderKL(**config["params"])
+        _init_weights(net, seed)
+        state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    vae = comfy.sd.VAE(sd=state, config=config)
+    vae.latent_channels = latent_channels
+    vae.downscale_ratio = vae.upscale_ratio = 2
+    return vae

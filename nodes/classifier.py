@@ -85,8 +85,8 @@ class ClassifierGuidance(io.ComfyNode):
                 "copy of the classifier only, is added in score form: D + scale·κ·(s²/a)·G, with the released "
                 "code's sine time schedule κ. 0 extra model calls (one classifier forward+backward per step); "
                 "works at any cfg, on EPS, V-prediction and flow models. Guidance Lab design beyond the paper: the "
-                "x0/score form for ComfyUI samplers, the decoders for latent models (linear RGB factors) and the "
-                "coefficient held at σ̃ = 14.6 (flow models near σ = 1)."),
+                "x0/score form for ComfyUI samplers, the decoders for latent models (linear RGB factors, or a VAE / "
+                "TAESD) and the coefficient held at σ̃ = 14.6 (flow models near σ = 1)."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to guide (EPS, V-prediction or flow)."),
                 ClassifierType.Input("classifier", tooltip="From GL_ClassifierLoader."),
@@ -108,13 +108,19 @@ class ClassifierGuidance(io.ComfyNode):
                     "sine: 1 + γ·(Σ_max/Σ_step)·sin(π·u), the released code's bump relative to the step variance; "
                     "sine_simple: 1 + γ·sin(π·u) (a simpler Guidance Lab option); constant: 1.")),
                 io.Combo.Input("decoder", options=list(DECODERS), default="auto", tooltip=(
-                    "How the classifier sees the prediction: identity for pixel-space models (the demo model), "
-                    "linear for latent models (the family's latent→RGB preview factors: colours and layout "
-                    "only). auto picks.")),
+                    "How the classifier sees the prediction: identity for pixel-space models (the demo model); "
+                    "for latent models linear (the family's latent→RGB preview factors: colours and layout only, "
+                    "nearly free) or vae (the connected VAE or TAESD, decoded and differentiated every step: "
+                    "real images, costlier). auto: identity in pixel space, else vae when a VAE is connected, "
+                    "else linear.")),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip=(
                     "Start of the guided window, as a fraction of the noise schedule (0 = noisiest).")),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, tooltip=(
                     "End of the guided window (1 = last step); must be larger than start_percent.")),
+
+                io.Vae.Input("vae", optional=True, tooltip=(
+                    "Optional, for decoder 'vae' (and 'auto' on latent models): the model's VAE, or a TAESD from "
+                    "VAELoader (taesd / taesdxl / taesd3 / taef1) for a much cheaper decode.")),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with classifier guidance.")],
         )
@@ -125,12 +131,12 @@ class ClassifierGuidance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, classifier, target, scale, joint_temperature, marginal_discount, softplus_beta, gamma,
-                schedule, decoder, start_percent, end_percent) -> io.NodeOutput:
+                schedule, decoder, start_percent, end_percent, vae=None) -> io.NodeOutput:
         kwargs = dict(scale=scale, t1=joint_temperature, marginal_discount=marginal_discount,
                       softplus_beta=softplus_beta, gamma=gamma, schedule=schedule, decoder=decoder,
                       start_percent=start_percent, end_percent=end_percent)
         check_settings(**kwargs)
-        return io.NodeOutput(patch_classifier_guidance(model, classifier, target, **kwargs))
+        return io.NodeOutput(patch_classifier_guidance(model, classifier, target, vae=vae, **kwargs))
 
 
 @register
@@ -175,7 +181,11 @@ class GradientFreeGuidance(io.ComfyNode):
                     "End of the GFCG window; must be larger than start_percent.")),
                 io.Combo.Input("decoder", options=list(DECODERS), default="auto", tooltip=(
                     "How the classifier sees the prediction: identity (pixel-space models), linear (latent→RGB "
-                    "preview factors), auto picks.")),
+                    "preview factors), vae (the connected VAE or TAESD); auto: identity in pixel space, else vae "
+                    "when a VAE is connected, else linear.")),
+                io.Vae.Input("vae", optional=True, tooltip=(
+                    "Optional, for decoder 'vae' (and 'auto' on latent models): the model's VAE, or a TAESD from "
+                    "VAELoader (taesd / taesdxl / taesd3 / taef1) for a much cheaper decode.")),
             ],
             outputs=[io.Guider.Output(display_name="guider", tooltip="For SamplerCustomAdvanced.")],
         )
@@ -189,7 +199,7 @@ class GradientFreeGuidance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, clip, classifier, target, classes, prompt_template, cfg, s_max,
-                start_percent, end_percent, decoder) -> io.NodeOutput:
+                start_percent, end_percent, decoder, vae=None) -> io.NodeOutput:
         gfcg.check_settings(s_max=s_max, start_percent=start_percent, end_percent=end_percent)
         if "{label}" not in prompt_template:
             raise ValueError(f"GL_GradientFreeGuidance: prompt_template {prompt_template!r} has no {{label}}")
@@ -197,7 +207,7 @@ class GradientFreeGuidance(io.ComfyNode):
         class_conds = {i: clip.encode_from_tokens_scheduled(clip.tokenize(
             prompt_template.replace("{label}", classifier.labels[i]))) for i in indices}
         guider = gfcg.GFCGGuider(model, classifier, target, class_conds, s_max=s_max, start_percent=start_percent,
-                                 end_percent=end_percent, decoder=decoder)
+                                 end_percent=end_percent, decoder=decoder, vae=vae)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)
@@ -236,11 +246,15 @@ class DynamicCFG(io.ComfyNode):
                     "End of the window; later steps keep the last choice.")),
                 io.Combo.Input("decoder", options=list(DECODERS), default="auto", tooltip=(
                     "How the evaluators see a prediction: identity (pixel-space models), linear (latent→RGB "
-                    "preview factors), auto picks.")),
+                    "preview factors), vae (the connected VAE or TAESD, one decode per candidate scale); auto: "
+                    "identity in pixel space, else vae when a VAE is connected, else linear.")),
                 ClassifierType.Input("classifier", optional=True, tooltip=(
                     "Optional: a classifier from GL_ClassifierLoader scores prompt alignment.")),
                 io.String.Input("target", default="", optional=True, tooltip=(
                     "The classifier's class per image (comma-separated, cycled); needed with a classifier.")),
+                io.Vae.Input("vae", optional=True, tooltip=(
+                    "Optional, for decoder 'vae' (and 'auto' on latent models): the model's VAE, or a TAESD from "
+                    "VAELoader (taesd / taesdxl / taesd3 / taef1) for a much cheaper decode.")),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with a per-step, per-image CFG scale.")],
         )
@@ -259,11 +273,11 @@ class DynamicCFG(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, multipliers, max_change, alignment_weight, fidelity_weight, start_percent, end_percent,
-                decoder, classifier=None, target="") -> io.NodeOutput:
+                decoder, classifier=None, target="", vae=None) -> io.NodeOutput:
         if classifier is not None and not str(target).strip():
             raise ValueError("GL_DynamicCFG: a classifier is connected but target is empty; name its class, e.g. "
                              "'red circle'")
         return io.NodeOutput(dynamic_cfg.patch_dynamic_cfg(
             model, classifier=classifier, target=target, multipliers=multipliers, max_change=max_change,
             alignment_weight=alignment_weight, fidelity_weight=fidelity_weight, start_percent=start_percent,
-            end_percent=end_percent, decoder=decoder))
+            end_percent=end_percent, decoder=decoder, vae=vae))

@@ -555,6 +555,15 @@ def classifier_guidance_identity_on_latent_model(bad):
     return g.ksampler(_cg(g, model, _classifier(g), decoder="identity"), pos, neg)
 
 
+@case("GL_ClassifierGuidance", r"decoder 'vae' needs a VAE", r"connect the checkpoint's VAE, or a TAESD",
+      "execution")
+def classifier_guidance_vae_decoder_without_a_vae(bad):
+    g = Graph()
+    model, clip, vae = g.demo()
+    extra = {} if bad else {"vae": vae}
+    return _demo_ksampler(g, _cg(g, model, _classifier(g), decoder="vae", **extra), clip)
+
+
 def _gfcg(g, model, clip, classifier, **over):
     inputs = dict(model=model, positive=g.text(clip, "a red circle"), negative=g.text(clip, ""), clip=clip,
                   classifier=classifier, target="red circle", classes="red circle, red square, blue circle",
