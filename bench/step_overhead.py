@@ -178,6 +178,20 @@ def resnet_classifier(host, depth: int, seed: int):
     return host.pack("guiders.classifier").load_classifier(path)
 
 
+def sd_vae(host, seed: int):
+    """SD1.5's VAE (the host's AutoencoderKL with the config VAE() picks for an SD checkpoint's VAE keys), seeded
+    random weights (normal(0, 1/sqrt(fan_in)) kernels, unit norms, zero biases), built by comfy.sd.VAE."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    with torch.inference_mode(False):
+        net = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+        host.pack("guiders.tiny_models")._init_weights(net, seed)
+        state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return comfy.sd.VAE(sd=state)
+
+
 def make_configs(host, base):
     import comfy.samplers
     patch_apg = host.pack("guiders.apg").patch_apg
@@ -193,7 +207,19 @@ def make_configs(host, base):
     elucd = [Config(f"elucd_r{d}", f"EluCD (linear decoder, random ResNet-{d} at 224², core `euler`, cfg {CFG:g})",
                     patch_elucd(base, resnet_classifier(host, d, 0), "class 0", decoder="linear"),
                     comfy.samplers.sampler_object("euler"), CFG) for d in (18, 50)]
-    return elucd + [distilled] + [
+    tm = host.pack("guiders.tiny_models")
+    r18 = resnet_classifier(host, 18, 0)
+    with torch.inference_mode():                  # as VAELoader builds them inside the executor
+        taesd = tm.build_taesd_vae(4, seed=0)     # TAESD's real architecture, random weights
+        kl = sd_vae(host, seed=0)                 # SD1.5's AutoencoderKL, random weights
+    decoded = [Config("elucd_taesd",
+                      f"EluCD (TAESD decoder `vae`, random ResNet-18 at 224², core `euler`, cfg {CFG:g})",
+                      patch_elucd(base, r18, "class 0", decoder="vae", vae=taesd),
+                      comfy.samplers.sampler_object("euler"), CFG),
+               Config("elucd_klvae", f"EluCD (full SD1.5 VAE decoder `vae`, random ResNet-18 at 224², core `euler`, "
+                      f"cfg {CFG:g})", patch_elucd(base, r18, "class 0", decoder="vae", vae=kl),
+                      comfy.samplers.sampler_object("euler"), CFG)]
+    return elucd + decoded + [distilled] + [
         Config("cfg", f"plain CFG (core `euler`, cfg {CFG:g})", base, comfy.samplers.sampler_object("euler"), CFG),
         Config("apg", f"APG (`patch_apg` defaults, core `euler`, cfg {CFG:g})", patch_apg(base),
                comfy.samplers.sampler_object("euler"), CFG),
@@ -296,7 +322,10 @@ def render(rows, *, args, info) -> str:
     elucd = [f"{r['label'].split(' (')[0]} with ResNet-{r['key'][7:]}: {r['ratio']:.3f}× (paired {r['paired']:.3f}×, "
              f"{r['extra'] * 1e3:+.0f} ms/step outside the UNet → {r['est_ratio']:.3f}×): "
              + ("≤ 1.3×" if r["est_ratio"] <= 1.3 else "**above 1.3×**")
-             for r in rows if r["key"].startswith("elucd")]
+             for r in rows if r["key"].startswith("elucd_r")]
+    decoders = [f"{'TAESD' if r['key'] == 'elucd_taesd' else 'the full SD1.5 VAE'}: {r['ratio']:.3f}× (paired "
+                f"{r['paired']:.3f}×, {r['extra'] * 1e3:+.0f} ms/step outside the UNet → {r['est_ratio']:.3f}×)"
+                for r in rows if r["key"] in ("elucd_taesd", "elucd_klvae")]
     lines = [
         f"## {TITLE}",
         "",
@@ -351,6 +380,8 @@ def render(rows, *, args, info) -> str:
           if "agd" in by_key else []),
         *([f"Target EluCD ≤ 1.3× plain CFG per step (classifier forward + backward on the linear-decoded "
            f"prediction, resized to 224²): {'; '.join(elucd)}.", ""] if elucd else []),
+        *([f"EluCD with the `vae` decoder (ResNet-18; decode to 512² and its backward every step; no target, for "
+           f"choosing a decoder): {'; '.join(decoders)}.", ""] if decoders else []),
         f"Noise: plain CFG's step times spread over {noise:.1f} % of its median; its mean s/step per round "
         f"({cfg_rounds}) over {base['round_spread']:.1f} %; round-to-round spread of the mean s/step for every "
         f"configuration: {spreads}. During the {info['timed_wall'] / 60:.1f} min of timed rounds "

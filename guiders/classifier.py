@@ -45,6 +45,8 @@ class Classifier:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     name: str = "classifier"
+    crop: bool = False           # True: resize the shorter side and centre-crop (CLIP), else resize (same aspect)
+    kind: str = "classifier"     # "clip_zero_shot": logits are scaled cosine similarities to label texts
     _softplus: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -53,8 +55,8 @@ class Classifier:
 
     def smoothed(self, beta: float) -> torch.nn.Module:
         """A private copy whose ReLUs are Softplus(β) (β = 0: the module itself, unchanged), cached per β."""
-        if beta <= 0:
-            return self.module
+        if beta <= 0 or not any(isinstance(m, torch.nn.ReLU) for m in self.module.modules()):
+            return self.module                      # nothing to smooth (e.g. CLIP's GELUs): no copy
         if beta not in self._softplus:
             with torch.inference_mode(False):
                 module = copy.deepcopy(self.module)
@@ -64,12 +66,18 @@ class Classifier:
 
     def prepare(self, images: torch.Tensor, *, node: str) -> torch.Tensor:
         """RGB images [B, 3, H, W] in [0, 1] → the classifier's input (resized with antialiasing when the size
-        differs but the aspect ratio matches; a clear error when it does not)."""
+        differs but the aspect ratio matches; a clear error when it does not; `crop`: centre-cropped like CLIP)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ClassifierError(f"{node}: the classifier needs RGB images [B, 3, H, W], got {list(images.shape)}")
         h, w = images.shape[-2:]
         th, tw = self.input_size
-        if (h, w) != (th, tw):
+        if self.crop and (h, w) != (th, tw):
+            scale = max(th / h, tw / w)               # shorter side to size, then the centre crop
+            rh, rw = max(th, round(h * scale)), max(tw, round(w * scale))
+            images = F.interpolate(images, size=(rh, rw), mode="bicubic", antialias=True, align_corners=False)
+            top, left = (rh - th) // 2, (rw - tw) // 2
+            images = images[:, :, top:top + th, left:left + tw]
+        elif (h, w) != (th, tw):
             if abs(h * tw - w * th) > 0.01 * h * tw:
                 raise ClassifierError(
                     f"{node}: the image is {w}×{h} but classifier '{self.name}' reads {tw}×{th} images and the "

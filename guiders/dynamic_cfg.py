@@ -2,7 +2,8 @@
 
 Each step inside the window, every candidate scale w of the grid cfg·{multipliers} gives D_w = D_u + w·(D_c − D_u)
 (no model call); evaluators score each candidate's decoded image per sample — the classifier's log-probability
-of the target (alignment, optional) and a clipping penalty (fidelity) — the scores are z-normalised over the
+of the target, or with a CLIP zero-shot classifier the CLIP similarity to the target's text (alignment, optional),
+and a clipping penalty (fidelity) — the scores are z-normalised over the
 candidates, weighted by run progress (alignment 1 → 0.3, fidelity 0.3 → 1) and the best candidate within
 `max_change` of the previous step's choice wins. The hook hands the host c' = D_u + (w*/cfg)·(D_c − D_u), so the
 standard combine (or whatever CFG function and post-CFG nodes follow) sees D_u + w*·(D_c − D_u). Outside the
@@ -93,8 +94,11 @@ def patch_dynamic_cfg(model, *, classifier=None, target: str = "", multipliers="
         fid = -clipping_penalty(image)
         align = []
         if classifier is not None:
-            logp = torch.log_softmax(classifier.logits(image, node=NODE), dim=1)
-            align.append(logp.gather(1, targets.view(-1, 1).to(logp.device)).squeeze(1))
+            logits = classifier.logits(image, node=NODE)
+            if getattr(classifier, "kind", "classifier") != "clip_zero_shot":
+                logits = torch.log_softmax(logits, dim=1)        # a classifier: log-probability of the target
+            # CLIP zero-shot: the target's scaled cosine similarity (a CLIP score), meaningful even for one label
+            align.append(logits.gather(1, targets.view(-1, 1).to(logits.device)).squeeze(1))
         align += [torch.as_tensor(fn(image, float(scale)), dtype=torch.float32, device=image.device) for fn in extra]
         return align, fid
 

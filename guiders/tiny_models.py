@@ -182,3 +182,29 @@ def build_kl_vae(latent_channels: int = 4, seed: int = 0) -> comfy.sd.VAE:
     vae.latent_channels = latent_channels
     vae.downscale_ratio = vae.upscale_ratio = 2
     return vae
+
+
+# ------------------------------------------------------------------------------------------ tiny CLIP vision
+def build_clip_vision(projection_dim: int | None = 32, seed: int = 0, *, image_size: int = 32, patch_size: int = 8):
+    """A tiny random-weight comfy.clip_vision.ClipVisionModel (CLIP ViT layout) with `projection_dim` embeddings,
+    built in the caller's inference mode (as CLIPVisionLoader builds it inside the executor)."""
+    import json
+    import os
+    import tempfile
+
+    import comfy.clip_vision
+    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32,
+              "image_size": image_size, "initializer_factor": 1.0, "initializer_range": 0.02,
+              "intermediate_size": 64, "layer_norm_eps": 1e-5, "model_type": "clip_vision_model",
+              "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2, "patch_size": patch_size}
+    if projection_dim is not None:                # None: no projection, as the host's SigLIP encoders
+        config["projection_dim"] = projection_dim
+    fd, path = tempfile.mkstemp(suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f)
+        cv = comfy.clip_vision.ClipVisionModel(path)     # in the caller's mode, as CLIPVisionLoader
+    finally:
+        os.unlink(path)
+    _init_weights(cv.model, seed)
+    return cv

@@ -5,6 +5,8 @@
 * ``resnet``: torchvision's ResNet family with torchvision's own key layout (``conv1``, ``bn1``, ``layer1.0.conv1``,
   …, ``fc``), so ImageNet ResNet-18/34/50/101/152 weights saved as safetensors load unchanged; the depth is read
   from the keys.
+* ``ZeroShotClassifier``: a CLIP-style zero-shot head over any image encoder and fixed label text embeddings
+  (built by GL_CLIPZeroShotClassifier from ComfyUI's CLIP vision and CLIP text models, not loaded from a file).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import re
 import torch
 import torch.nn as nn
 
-ARCHITECTURES = ("gl_small_cnn", "resnet")
+ARCHITECTURES = ("gl_small_cnn", "resnet")          # loadable from files; ZeroShotClassifier is built by a node
 
 # torchvision ResNet: (block kind, blocks per stage) -> depth
 _RESNET_DEPTHS = {("basic", (2, 2, 2, 2)): 18, ("basic", (3, 4, 6, 3)): 34, ("bottleneck", (3, 4, 6, 3)): 50,
@@ -82,3 +84,23 @@ def detect_architecture(state_dict: dict) -> str:
         return "gl_small_cnn"
     resnet_spec(state_dict)
     return "resnet"
+
+
+class ZeroShotClassifier(nn.Module):
+    """CLIP-style zero-shot classifier: logits = scale · cos(image embedding, text embedding of each label).
+
+    ``encoder`` maps normalised images [B, 3, H, W] to image embeddings [B, D] in the joint space;
+    ``text_embeds`` [K, D] are the labels' text embeddings (normalised here). Differentiable in the images."""
+
+    def __init__(self, encoder: nn.Module, text_embeds: torch.Tensor, logit_scale: float = 100.0):
+        super().__init__()
+        if text_embeds.ndim != 2:
+            raise ValueError(f"text embeddings must be [labels, dim], got {list(text_embeds.shape)}")
+        self.encoder = encoder
+        self.register_buffer("text_embeds", torch.nn.functional.normalize(text_embeds.float(), dim=-1))
+        self.logit_scale = float(logit_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        emb = self.encoder(x)
+        image = torch.nn.functional.normalize(emb.to(torch.promote_types(emb.dtype, torch.float32)), dim=-1)
+        return self.logit_scale * image @ self.text_embeds.to(image.device, image.dtype).t()

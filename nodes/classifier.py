@@ -1,9 +1,11 @@
-"""GL_ClassifierLoader (→ GL_CLASSIFIER) and GL_ClassifierGuidance (MODEL + GL_CLASSIFIER → MODEL, EluCD)."""
+"""GL_ClassifierLoader and GL_CLIPZeroShotClassifier (→ GL_CLASSIFIER), GL_ClassifierGuidance (EluCD),
+GL_GradientFreeGuidance and GL_DynamicCFG."""
 from __future__ import annotations
 
 from comfy_api.latest import io
 
 from ..guiders import classifier as cl
+from ..guiders import clip_classifier as zs
 from ..guiders import dynamic_cfg, gfcg
 from ..guiders.classifier_guidance import DECODERS, SCHEDULES, check_settings, patch_classifier_guidance
 from ._registry import register
@@ -71,6 +73,62 @@ class ClassifierLoader(io.ComfyNode):
 
 
 @register
+class CLIPZeroShotClassifier(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GL_CLIPZeroShotClassifier",
+            display_name="CLIP Zero-Shot Classifier (Guidance Lab)",
+            category="Guidance Lab/classifier",
+            description=(
+                "Builds a classifier for the classifier nodes from ComfyUI's CLIP vision model and a CLIP text "
+                "encoder: logit_k = logit_scale·cos(image embedding, text embedding of template(label_k)), as in "
+                "CLIP zero-shot classification. The two must be one CLIP model (only their widths can be "
+                "checked): SDXL's CLIP with CLIP vision ViT-bigG (clip_vision_g), SD2.x's CLIP with CLIP vision "
+                "ViT-H/14, or a CLIP-L text encoder file that keeps its text projection with CLIP vision "
+                "ViT-L/14. SD1.x checkpoints and SDXL's CLIP-L do not store CLIP-L's text projection and cannot "
+                "serve. Differentiable (EluCD works through it); with Dynamic CFG the alignment score is the "
+                "target's CLIP similarity. Images are centre-cropped to the vision model's square input."),
+            inputs=[
+                io.ClipVision.Input("clip_vision", tooltip="From CLIPVisionLoader: a CLIP ViT image encoder."),
+                io.Clip.Input("clip", tooltip=(
+                    "The text encoder of the same CLIP model (e.g. an SDXL checkpoint's CLIP for ViT-bigG).")),
+                io.String.Input("labels", default="red circle, blue square, green star", multiline=True, tooltip=(
+                    "Class names, comma-separated (or one per line); the classifier's labels, in this order. "
+                    "One label gives a CLIP score.")),
+                io.String.Input("prompt_template", default="a photo of a {label}", tooltip=(
+                    "Text of each class; {label} is replaced by its name.")),
+                io.Combo.Input("text_encoder", options=list(zs.TEXT_ENCODERS), default="auto", tooltip=(
+                    "Which text tower of the CLIP to use; auto: the one whose embedding width matches the vision "
+                    "model's (clip_g before clip_h before clip_l).")),
+                io.Float.Input("logit_scale", default=100.0, min=0.01, max=1000.0, step=1.0, tooltip=(
+                    "Multiplies the cosine similarities (CLIP's learned value: 100); lower = softer class "
+                    "probabilities.")),
+            ],
+            outputs=[ClassifierType.Output(display_name="classifier", tooltip=(
+                "A classifier over the labels, for GL_ClassifierGuidance, GL_GradientFreeGuidance and "
+                "GL_DynamicCFG."))],
+        )
+
+    @classmethod
+    def validate_inputs(cls, labels=None, prompt_template=None):
+        if prompt_template is not None and "{label}" not in prompt_template:
+            return (f"GL_CLIPZeroShotClassifier: prompt_template {prompt_template!r} has no {{label}}; write e.g. "
+                    "'a photo of a {label}'")
+        if labels is not None:
+            try:
+                zs.parse_labels(labels)
+            except cl.ClassifierError as e:
+                return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, clip_vision, clip, labels, prompt_template, text_encoder, logit_scale) -> io.NodeOutput:
+        return io.NodeOutput(zs.build_zero_shot_classifier(clip_vision, clip, labels, prompt_template=prompt_template,
+                                                           text_encoder=text_encoder, logit_scale=logit_scale))
+
+
+@register
 class ClassifierGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -89,7 +147,7 @@ class ClassifierGuidance(io.ComfyNode):
                 "TAESD) and the coefficient held at σ̃ = 14.6 (flow models near σ = 1)."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to guide (EPS, V-prediction or flow)."),
-                ClassifierType.Input("classifier", tooltip="From GL_ClassifierLoader."),
+                ClassifierType.Input("classifier", tooltip="From GL_ClassifierLoader or GL_CLIPZeroShotClassifier."),
                 io.String.Input("target", default="red circle", tooltip=(
                     "Class(es) to steer towards: a label name or index; several separated by commas give one "
                     "target per image of the batch (cycled).")),
@@ -161,7 +219,7 @@ class GradientFreeGuidance(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="The prompt (it should describe the target class)."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt of CFG."),
                 io.Clip.Input("clip", tooltip="Encodes one prompt per candidate class (prompt_template)."),
-                ClassifierType.Input("classifier", tooltip="From GL_ClassifierLoader."),
+                ClassifierType.Input("classifier", tooltip="From GL_ClassifierLoader or GL_CLIPZeroShotClassifier."),
                 io.String.Input("target", default="red circle", tooltip=(
                     "The class each image should be: a label name or index; several, comma-separated, give one "
                     "target per image of the batch (cycled).")),
@@ -225,7 +283,8 @@ class DynamicCFG(io.ComfyNode):
                 "Chooses the CFG scale per step and per image, inspired by dynamic CFG via online feedback "
                 "(Papalampidi et al., arXiv:2509.16131): each candidate scale cfg·m of the grid gives a guided "
                 "prediction without any model call; evaluators score it — the classifier's log-probability of "
-                "the target (optional) and a penalty for pixels outside the valid range — with weights that move "
+                "the target or, with a CLIP zero-shot classifier, the target's CLIP similarity (optional) and a "
+                "penalty for pixels outside the valid range — with weights that move "
                 "from alignment early to fidelity late, and the best candidate within max_change of the last "
                 "choice wins. Outside the window the last choice is kept. 0 extra model calls (the uncond is "
                 "evaluated even at cfg 1). The paper's evaluators, grid and weights are not published: this is "
@@ -249,7 +308,8 @@ class DynamicCFG(io.ComfyNode):
                     "preview factors), vae (the connected VAE or TAESD, one decode per candidate scale); auto: "
                     "identity in pixel space, else vae when a VAE is connected, else linear.")),
                 ClassifierType.Input("classifier", optional=True, tooltip=(
-                    "Optional: a classifier from GL_ClassifierLoader scores prompt alignment.")),
+                    "Optional: a classifier scores prompt alignment — GL_ClassifierLoader's (log-probability of "
+                    "the target) or GL_CLIPZeroShotClassifier's (CLIP similarity to the target's text).")),
                 io.String.Input("target", default="", optional=True, tooltip=(
                     "The classifier's class per image (comma-separated, cycled); needed with a classifier.")),
                 io.Vae.Input("vae", optional=True, tooltip=(

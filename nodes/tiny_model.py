@@ -1,9 +1,10 @@
-"""GL_TinyTestModel — tiny random-weight models of real architectures for smoke-testing graphs."""
+"""GL_TinyTestModel and GL_TinyCLIPVision — tiny random-weight models of real architectures for smoke-testing
+graphs."""
 from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..guiders.tiny_models import ARCHS, build_conditioning, build_model
+from ..guiders.tiny_models import ARCHS, build_clip_vision, build_conditioning, build_model
 from ._registry import register
 from ._validate import choice_error
 
@@ -40,3 +41,29 @@ class TinyTestModel(io.ComfyNode):
     def execute(cls, architecture, seed) -> io.NodeOutput:
         return io.NodeOutput(build_model(architecture, seed), build_conditioning(architecture, seed + 1),
                              build_conditioning(architecture, seed + 2))
+
+
+@register
+class TinyCLIPVision(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GL_TinyCLIPVision",
+            display_name="Tiny CLIP Vision (random weights)",
+            category="Guidance Lab/utils",
+            description=(
+                "Builds a tiny random-weight CLIP vision model with ComfyUI's own CLIP ViT classes (2 layers, "
+                "32×32 input), as CLIPVisionLoader would return, so graphs with GL_CLIPZeroShotClassifier can be "
+                "smoke-tested without downloading weights. Its embeddings mean nothing: for real use load a CLIP "
+                "vision model with CLIPVisionLoader."),
+            inputs=[
+                io.Int.Input("projection_dim", default=96, min=8, max=4096, tooltip=(
+                    "Width of the image embedding; must equal the text tower's (the demo model's CLIP: 96).")),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights."),
+            ],
+            outputs=[io.ClipVision.Output(display_name="clip_vision", tooltip="The tiny CLIP vision model.")],
+        )
+
+    @classmethod
+    def execute(cls, projection_dim, seed) -> io.NodeOutput:
+        return io.NodeOutput(build_clip_vision(projection_dim, seed))

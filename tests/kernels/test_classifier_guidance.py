@@ -13,7 +13,7 @@ from kernels.classifier_guidance import (
     schedule_factor,
     score_coefficient,
 )
-from kernels.classifiers import SmallCNN, build_classifier, detect_architecture, resnet_spec
+from kernels.classifiers import SmallCNN, ZeroShotClassifier, build_classifier, detect_architecture, resnet_spec
 from kernels.coords import FLOW, VE, Coords
 
 
@@ -151,3 +151,21 @@ def test_gfcg_reference_is_the_most_confused_competitor():
     d_c, d_r = torch.ones(2, 3, 2, 2, 2), torch.zeros(2, 3, 2, 2, 2)       # 5-D (video) latents broadcast too
     term = gfcg_term(d_c, d_r, torch.tensor([0.5, 2.0]))
     assert term[0].eq(0.5).all() and term[1].eq(2.0).all()
+
+
+def test_zero_shot_logits_are_scaled_cosines_and_differentiable():
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 8), torch.nn.GELU(),
+                                  torch.nn.Linear(8, 5)).double()
+    text = torch.randn(3, 5, dtype=torch.float64) * 3
+    head = ZeroShotClassifier(encoder, text, logit_scale=50.0).double()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    logits = head(x)
+    emb = encoder(x)
+    expected = 50.0 * torch.stack([torch.stack([torch.nn.functional.cosine_similarity(emb[b], text[k], dim=0)
+                                                for k in range(3)]) for b in range(2)])
+    torch.testing.assert_close(logits, expected)
+    assert logits.abs().max() <= 50.0 + 1e-9
+    assert torch.autograd.gradcheck(lambda z: head(z), (x,))
+    with pytest.raises(ValueError, match="labels, dim"):
+        ZeroShotClassifier(encoder, torch.zeros(5))

@@ -564,6 +564,28 @@ def classifier_guidance_vae_decoder_without_a_vae(bad):
     return _demo_ksampler(g, _cg(g, model, _classifier(g), decoder="vae", **extra), clip)
 
 
+def _zero_shot(g, clip, *, projection_dim=96, labels="red circle, blue square"):
+    vision = [g.add("GL_TinyCLIPVision", projection_dim=projection_dim, seed=0), 0]
+    return [g.add("GL_CLIPZeroShotClassifier", clip_vision=vision, clip=clip, labels=labels,
+                  prompt_template="a {label}", text_encoder="auto", logit_scale=100.0), 0]
+
+
+@case("GL_CLIPZeroShotClassifier", r"no text tower of the CLIP has the image embedding's width 64",
+      r"pair CLIP vision ViT-bigG with SDXL's CLIP", "execution")
+def zero_shot_widths_differ(bad):
+    g = Graph()
+    model, clip, _vae = g.demo()
+    return _demo_ksampler(g, _cg(g, model, _zero_shot(g, clip, projection_dim=pick(bad, 64, 96))), clip)
+
+
+@case("GL_CLIPZeroShotClassifier", r"labels is empty", r"name the classes, separated by commas", "validation")
+def zero_shot_empty_labels(bad):
+    g = Graph()
+    model, clip, _vae = g.demo()
+    return _demo_ksampler(g, _cg(g, model, _zero_shot(g, clip, labels=pick(bad, " ,", "red circle, blue square"))),
+                          clip)
+
+
 def _gfcg(g, model, clip, classifier, **over):
     inputs = dict(model=model, positive=g.text(clip, "a red circle"), negative=g.text(clip, ""), clip=clip,
                   classifier=classifier, target="red circle", classes="red circle, red square, blue circle",
