@@ -109,7 +109,7 @@ def private_vae_decoder(vae) -> torch.nn.Module:
     return module
 
 
-def decode(z: torch.Tensor, latent_format, decoder: str, vae=None) -> torch.Tensor:
+def decode(z: torch.Tensor, latent_format, decoder: str, vae=None, *, node: str = NODE) -> torch.Tensor:
     """Differentiable RGB image in (about) [0, 1] of sampler-space latents z [B, C, H, W] (not clamped: the
     evaluators see out-of-range pixels). `vae`: the VAE object, for decoder 'vae'."""
     if decoder == "identity":
@@ -118,7 +118,7 @@ def decode(z: torch.Tensor, latent_format, decoder: str, vae=None) -> torch.Tens
         module = private_vae_decoder(vae).to(z.device)
         image = module.decode(latent_format.process_out(z.float()))
         if image.ndim != 4 or image.shape[1] != 3:
-            raise ClassifierError(f"{NODE}: the VAE decoded an image of shape {list(image.shape)}, not "
+            raise ClassifierError(f"{node}: the VAE decoded an image of shape {list(image.shape)}, not "
                                   "[B, 3, H, W]; use an image VAE")
         return (image + 1) / 2
     factors = torch.tensor(latent_format.latent_rgb_factors, device=z.device, dtype=z.dtype)  # [C, 3]

@@ -90,7 +90,7 @@ def patch_dynamic_cfg(model, *, classifier=None, target: str = "", multipliers="
                            report)
 
     def scores_of(candidate, scale, targets):
-        image = decode(candidate.float(), latent_format, chosen_decoder, vae)
+        image = decode(candidate.float(), latent_format, chosen_decoder, vae, node=NODE)
         fid = -clipping_penalty(image)
         align = []
         if classifier is not None:

@@ -146,7 +146,7 @@ class GFCGGuider(comfy.samplers.CFGGuider):
                                                seed=seed)
         if self.s_max > 0 and "cond" in seen:
             with torch.no_grad():
-                image = decode(seen["cond"].float(), self.latent_format, self.decoder, self.vae)
+                image = decode(seen["cond"].float(), self.latent_format, self.decoder, self.vae, node=NODE)
                 probs = torch.softmax(self.classifier.logits(image, node=NODE), dim=1)
             ref, frac = gfcg_reference(probs.cpu(), targets, self.candidates)
             self.state = {"ref": ref, "frac": frac.to(x.device)}
