@@ -43,7 +43,9 @@ class _ImageEmbeds(torch.nn.Module):
 
 class _OutOfPlaceLayer(torch.nn.Module):
     """The host's CLIPLayer math, x + attn(ln1(x)) then x + mlp(ln2(x)), without its in-place `+=` (which autograd
-    cannot differentiate through the layer norms). Wraps the private copy's layers only."""
+    cannot differentiate through the layer norms). Wraps the private copy's layers only. A module rather than an
+    instance `forward` (as guiders/demo_model.trainable_text_encoder patches, temporarily): a deep copy of the
+    classifier then computes with its own copied submodules."""
 
     def __init__(self, layer: torch.nn.Module):
         super().__init__()
