@@ -117,13 +117,17 @@ def all_configs(apg_threshold: float, ag_threshold: float = DEFAULT_AG_THRESHOLD
 ELUCD_SMALL_SCALES = ((1.0, 0.1), (1.0, 0.25), (1.0, 0.5), (3.0, 0.1), (3.0, 0.25), (3.0, 0.5))
 
 
+# GFCG at the low cfg where CFG leaves errors to correct (cfg, s_max): the --classifier-gfcg row set
+GFCG_LOW_CFG = ((1.0, 2.0), (3.0, 2.0))
+
+
 def extra_configs() -> list[Config]:
     """Configurations run only when --configs names them (the standard run must fit 30 minutes on 2 cores)."""
     return [Config(f"elucd{s:g}-{c:g}", f"EluCD classifier guidance s {s:g}, cfg {c:g} (demo guidance classifier)",
                    "elucd", c, f"EluCD {s:g} cfg{c:g}", classifier_scale=s)
             for c, s in ((1.0, 1.0), (3.0, 1.0), (5.0, 0.5), (5.0, 1.0), (5.0, 2.0)) + ELUCD_SMALL_SCALES] + [
         Config(f"gfcg{s:g}-{c:g}", f"GFCG s_max {s:g}, cfg {c:g} (demo guidance classifier, 36 classes)", "gfcg", c,
-               f"GFCG {s:g} cfg{c:g}", classifier_scale=s) for c, s in ((5.0, 2.0), (5.0, 5.0))] + [
+               f"GFCG {s:g} cfg{c:g}", classifier_scale=s) for c, s in ((5.0, 2.0), (5.0, 5.0)) + GFCG_LOW_CFG] + [
         Config("dyncfg-5", "Dynamic CFG, cfg 5 × (0.5, 1, 2, 3), classifier + clipping", "dyncfg", 5.0,
                "DynCFG cfg5", classifier_scale=1.0),
         Config("dyncfg_clip-5", "Dynamic CFG, cfg 5 × (0.5, 1, 2, 3), clipping only", "dyncfg", 5.0,
@@ -214,6 +218,7 @@ CLASSIFIER_CONFIGS = ("cfg-1,cfg-3,cfg-5,cfg-10,cfg-15,elucd1-1,elucd1-3,elucd0.
                       "dyncfg-5,dyncfg_clip-5")
 
 CLASSIFIER_SMALL_CONFIGS = "cfg-1,cfg-3," + ",".join(f"elucd{sc:g}-{c:g}" for c, sc in ELUCD_SMALL_SCALES)
+CLASSIFIER_GFCG_CONFIGS = "cfg-1,cfg-3," + ",".join(f"gfcg{sc:g}-{c:g}" for c, sc in GFCG_LOW_CFG)
 
 # on-request row sets: command-line flag -> (configurations, section, title (None: --title), share of two-object
 # prompts (None: --pair-share, default 0.3))
@@ -221,6 +226,8 @@ ROW_SETS = {
     "classifier": (CLASSIFIER_CONFIGS, "classifier_guidance", None, None),
     "classifier-small": (CLASSIFIER_SMALL_CONFIGS, "classifier_small_scales",
                          "EluCD classifier guidance at small scales on the demo model (CPU)", None),
+    "classifier-gfcg": (CLASSIFIER_GFCG_CONFIGS, "classifier_gfcg_low_cfg",
+                        "Gradient-free classifier guidance at low cfg on the demo model (CPU)", None),
     "two-model": (TWO_MODEL_CONFIGS, "two_model_guidance", "Two-model guidance (autoguidance) on the demo model (CPU)",
                   None),
     "multi-condition": (MULTI_CONDITION_CONFIGS, "multi_condition_guidance",
