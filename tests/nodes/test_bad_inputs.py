@@ -1106,6 +1106,17 @@ def tiny_model_unknown_architecture(bad):
     return g.ksampler(model, pos, neg)
 
 
+# GL_TinyCLIPVision ---------------------------------------------------------------------------------------------
+@case("GL_TinyCLIPVision", r"projection_dim", r"smaller than min of 8", "host")
+def tiny_clip_vision_too_narrow(bad):
+    g = Graph()
+    model, clip, _vae = g.demo()
+    vision = [g.add("GL_TinyCLIPVision", projection_dim=pick(bad, 4, 96), seed=0), 0]
+    classifier = [g.add("GL_CLIPZeroShotClassifier", clip_vision=vision, clip=clip, labels="red circle, blue square",
+                        prompt_template="a {label}", text_encoder="auto", logit_scale=100.0), 0]
+    return _demo_ksampler(g, _cg(g, model, classifier), clip)
+
+
 # GL_NFEReport --------------------------------------------------------------------------------------------------
 @case("GL_NFEReport", r"this model does not count its evaluations", r"Put GL_NFECounter", "execution")
 def nfe_report_model_without_counter(bad):
