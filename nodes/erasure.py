@@ -169,9 +169,10 @@ class ConceptEraseTrain(io.ComfyNode):
                 "prediction and preserved concepts are held to the frozen model's. The paper's code is not public: "
                 "this loss is Guidance Lab's reconstruction (a DESIGN). Training states come from the frozen "
                 "model's own CFG trajectories of the erased prompt. Shows a progress bar and can be interrupted. "
-                "Output: the model with the trained update as weight patches (the input model is untouched) and "
-                "the edit for GL_SaveErasureLoRA. 0 extra NFEs at sampling. SD1.x, SD2.x, SDXL, the demo model, "
-                "SD3 and Flux."),
+                "Output: the model with the trained update as weight patches (the input model is untouched), "
+                "the edit for GL_SaveErasureLoRA, and the same update as hooks for prompts (the unconditional "
+                "branch then keeps the original weights). 0 extra NFEs at sampling. SD1.x, SD2.x, SDXL, the demo "
+                "model, SD3 and Flux."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to fine-tune (a clone is trained; the input stays)."),
                 io.Clip.Input("clip", tooltip="The text encoder(s) of the same checkpoint."),
@@ -215,7 +216,12 @@ class ConceptEraseTrain(io.ComfyNode):
                                      "patches."),
                      ErasureType.Output(display_name="erasure", tooltip=(
                          "The trained update (ΔW per projection, settings, loss history): connect "
-                         "GL_SaveErasureLoRA to save it as a LoRA."))],
+                         "GL_SaveErasureLoRA to save it as a LoRA.")),
+                     io.Hooks.Output(display_name="hooks", tooltip=(
+                         "The trained update as a hook group, for conditionings (core Cond Set Props → hooks): "
+                         "sample with the original model; only the hooked prompts are edited and the "
+                         "unconditional branch runs the original weights bit for bit, so the training's "
+                         "unconditional drift does not reach it."))],
             is_experimental=True,
         )
 
@@ -228,4 +234,4 @@ class ConceptEraseTrain(io.ComfyNode):
             learning_rate=learning_rate, rank=rank, batch=batch, eta=eta, lambda_u=lambda_u, lambda_p=lambda_p,
             trajectories=trajectories, trajectory_steps=trajectory_steps, trajectory_cfg=trajectory_cfg,
             trainable=trainable, seed=seed)
-        return io.NodeOutput(m, edit)
+        return io.NodeOutput(m, edit, er.erasure_hooks(edit, model))

@@ -29,13 +29,19 @@ def _capture(patcher, keys, original):
 
 
 def hooks_case(er, patcher, clip, prompt, **kwargs):
-    """The erasure through its hooks output against the weight-patch route. Returns runs (plain, hooked,
-    zero-strength hooked, weight-patched), each as (images, [(D_c, D_u) per step], [(rows, original weights) per
-    model call])."""
+    """The closed-form erasure through its hooks output against the weight-patch route. Returns runs (plain,
+    hooked, zero-strength hooked, weight-patched), each as (images, [(D_c, D_u) per step], [(rows, original
+    weights) per model call])."""
+    erased, edit = er.concept_erase(patcher, clip, **kwargs)
+    return edit_hooks_case(er, patcher, clip, prompt, erased, edit)
+
+
+def edit_hooks_case(er, patcher, clip, prompt, erased, edit):
+    """hooks_case for a given edit and the model its weight-patch route gave (the closed form's or the trained
+    one's): the zero-strength reference hooks the same deltas at strength 0."""
     import comfy.hooks
     pos, neg = encode(clip, prompt), encode(clip, "")
-    erased, edit = er.concept_erase(patcher, clip, **kwargs)
-    _m0, zero = er.concept_erase(patcher, clip, **{**kwargs, "strength": 0.0})
+    zero = er.ErasureEdit(edit.deltas, 0.0, edit.metadata)
     original = original_weights(patcher)
     out = []
     for model, positive in ((patcher, pos),

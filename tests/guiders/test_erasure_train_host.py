@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from erasure_hooks import check_hooks_case, edit_hooks_case
 from hostutil import encode
 from hostutil import original_weights, run
 
@@ -61,6 +62,14 @@ def test_only_adapters_learn_and_the_input_model_is_untouched(trained, demo_mode
     assert {k.rsplit(".attn2.", 1)[1] for k in keys} == {"to_q.weight", "to_k.weight", "to_v.weight",
                                                           "to_out.0.weight"}
     assert all(torch.linalg.matrix_rank(d) <= 8 for d in edit.deltas.values())
+
+
+def test_trained_erasure_through_hooks_keeps_the_unconditional_branch_bit_identical(trained, er, demo_model):
+    """GL_ConceptEraseTrain's hooks output: the trained ΔW reaches only the hooked prompt's calls, so the training's
+    unconditional drift does not reach the negative branch (batch 2, 3 steps, cfg 5)."""
+    m, edit, _before, _out = trained
+    patcher, clip, _vae = demo_model
+    check_hooks_case(*edit_hooks_case(er, patcher, clip, "a red circle", m, edit))
 
 
 def test_trained_erasure_exports_as_a_lora(trained, er, demo_model, tmp_path):

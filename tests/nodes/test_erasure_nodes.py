@@ -57,6 +57,8 @@ def test_train_node_runs_briefly(nodes_mod, demo_model):
     with torch.inference_mode():
         out = nodes_mod.ConceptEraseTrain.execute(patcher, clip, latent, "circle", "", "", 3, 1e-3, 4, 1, 1.0, 1.0,
                                                   0.5, 1, 3, 5.0, "attn2 k/v", 0)
-    model, edit = out.result
+    model, edit, hooks = out.result
     assert edit.metadata["method"] == "all-but-one (design)" and edit.metadata["alternative"] == [""]
     assert len(edit.metadata["loss_history"]) == 2 and set(edit.deltas) <= set(model.patches)
+    assert len(hooks.hooks) == 1 and set(hooks.hooks[0].weights) == set(edit.deltas)
+    assert not set(edit.deltas) & set(patcher.patches)
