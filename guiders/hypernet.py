@@ -2,6 +2,11 @@
 and turning subject images into a personalized model (weight patches on a clone) plus the same LoRA as a hook
 group (for hybrid-model CFG on one model: GL_MultiModelGuider mode hybrid with the hook on positive_2).
 
+A hypernetwork with the clip_vision encoder reads a ComfyUI CLIP_VISION model's penultimate hidden states
+(`encode_image(image, crop=True).penultimate_hidden_states`: [N, T, d], the class token and the patch tokens, as
+IP-Adapter Plus reads them), computed here with the frozen CLIP vision model under no_grad; the file stores d and T,
+and a CLIP vision model giving other sizes (another ViT, another input size) is refused.
+
 The math (encoder, decoder, factors, penalty) is kernels/hypernet.py; training is guiders/hypernet_train.py.
 """
 from __future__ import annotations
@@ -27,6 +32,8 @@ FOLDER_NAME = "gl_hypernetworks"
 PACK_FILES = ("demo_hypernet.safetensors",)
 FORMAT = "guidance_lab.hypernetwork/1"
 MAX_IMAGES = 64
+CLIP_VISION_WIDTHS = ("ViT-L/14 gives 1024-wide, ViT-H/14 1280-wide, ViT-bigG/14 1664-wide features; 257 tokens "
+                      "at 224 px")
 
 # which weights a hypernetwork adapts, per family (linear weights; convolutions as [out, in·k·k], as LoRA files
 # store them)
@@ -131,9 +138,8 @@ def load(path: str | Path, *, node: str = "GL_HypernetworkLoader") -> Hypernet:
 
 # ------------------------------------------------------------------------------------------------ personalize
 
-def subject_images(images: torch.Tensor, size: int, *, node: str = NODE) -> torch.Tensor:
-    """A ComfyUI IMAGE batch [N, H, W, C] → [N, 3, size, size] in [0, 1] (alpha dropped, centre-cropped to a
-    square, resized); a clear error for what cannot be a subject image."""
+def _check_images(images: torch.Tensor, reads: str, *, node: str) -> None:
+    """A clear error for what cannot be a batch of subject images."""
     if not torch.is_tensor(images) or images.ndim != 4:
         raise HypernetError(f"{node}: images must be an IMAGE batch [N, H, W, C] (e.g. from LoadImage); got "
                             f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}")
@@ -143,13 +149,69 @@ def subject_images(images: torch.Tensor, size: int, *, node: str = NODE) -> torc
     if n < 1 or n > MAX_IMAGES:
         raise HypernetError(f"{node}: give 1 to {MAX_IMAGES} subject images; got {n}")
     if min(h, w) < 8:
-        raise HypernetError(f"{node}: subject images of {w}×{h} pixels are too small (at least 8×8; the "
-                            f"hypernetwork reads {size}×{size})")
+        raise HypernetError(f"{node}: subject images of {w}×{h} pixels are too small (at least 8×8; {reads})")
+
+
+def subject_images(images: torch.Tensor, size: int, *, node: str = NODE) -> torch.Tensor:
+    """A ComfyUI IMAGE batch [N, H, W, C] → [N, 3, size, size] in [0, 1] (alpha dropped, centre-cropped to a
+    square, resized); a clear error for what cannot be a subject image."""
+    _check_images(images, f"the hypernetwork reads {size}×{size}", node=node)
+    _n, h, w, _c = images.shape
     x = images[..., :3].permute(0, 3, 1, 2).float()
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     x = x[:, :, top:top + side, left:left + side]
     return hk.resize_images(x, size)
+
+
+def clip_vision_features(clip_vision, images: torch.Tensor, *, node: str = NODE, chunk: int = 16) -> torch.Tensor:
+    """IMAGE batch [N, H, W, C] → the frozen CLIP vision model's penultimate hidden states [N, T, d] (float32, CPU,
+    an ordinary tensor without grad). encode_image's own preprocessing: the shorter side resized to the model's
+    input size, centre crop, mean/std."""
+    if clip_vision is None or not callable(getattr(clip_vision, "encode_image", None)):
+        raise HypernetError(f"{node}: clip_vision must be a CLIP_VISION model (CLIPVisionLoader); got "
+                            f"{type(clip_vision).__name__}")
+    _check_images(images, f"the CLIP vision model reads {getattr(clip_vision, 'image_size', 224)} px", node=node)
+    out = []
+    with torch.no_grad():
+        for part in images[..., :3].split(chunk):
+            states = getattr(clip_vision.encode_image(part, crop=True), "penultimate_hidden_states", None)
+            if not torch.is_tensor(states) or states.ndim != 3 or states.shape[0] != len(part):
+                raise HypernetError(f"{node}: this CLIP vision model gives no penultimate hidden states [N, tokens, "
+                                    "width]; load a CLIP ViT (ViT-L/14, ViT-H/14, ViT-bigG/14) with CLIPVisionLoader")
+            out.append(states)
+    with torch.inference_mode(False):           # an ordinary tensor: usable by autograd when training reads it
+        return torch.cat(out).detach().float().cpu()
+
+
+def check_features(hn: Hypernet, features: torch.Tensor, *, node: str = NODE) -> None:
+    """A clear error unless `features` [N, T, d] have the token count and width the hypernetwork was trained on."""
+    want = (hn.module.config["feature_tokens"], hn.module.config["feature_dim"])
+    got = tuple(features.shape[1:])
+    if got != want:
+        raise HypernetError(
+            f"{node}: the hypernetwork '{hn.name}' was trained on CLIP vision features of {want[0]} tokens × "
+            f"{want[1]} wide, but the connected CLIP vision model gives {got[0]} tokens × {got[1]} wide: connect the "
+            f"CLIP vision model it was trained with ({CLIP_VISION_WIDTHS})")
+
+
+def reference_inputs(hn: Hypernet, images: torch.Tensor, clip_vision=None, *, node: str = NODE) -> torch.Tensor:
+    """What the hypernetwork reads from one subject's IMAGE batch: images [N, 3, s, s] (encoder conv) or CLIP vision
+    features [N, T, d] (encoder clip_vision)."""
+    cfg = hn.module.config
+    if hn.module.reads_features:
+        if clip_vision is None:
+            raise HypernetError(
+                f"{node}: the hypernetwork '{hn.name}' reads CLIP vision features ({cfg['feature_tokens']} tokens × "
+                f"{cfg['feature_dim']} wide): connect the CLIP vision model it was trained with (CLIPVisionLoader) "
+                "to the clip_vision input")
+        features = clip_vision_features(clip_vision, images, node=node)
+        check_features(hn, features, node=node)
+        return features
+    if clip_vision is not None:
+        logging.warning("%s: the hypernetwork '%s' has its own image encoder (conv); the connected clip_vision is "
+                        "not used", node, hn.name)
+    return subject_images(images, cfg["image_size"], node=node)
 
 
 def check_model(model, hn: Hypernet, *, node: str = NODE) -> None:
@@ -167,10 +229,11 @@ def check_model(model, hn: Hypernet, *, node: str = NODE) -> None:
             "hypernetwork was trained on")
 
 
-def predict(hn: Hypernet, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """LoRA factors {key: (B [out, r], A [r, in])} for one subject from its images [N, 3, size, size]."""
+def predict(hn: Hypernet, inputs: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """LoRA factors {key: (B [out, r], A [r, in])} for one subject from its images [N, 3, size, size] or features
+    [N, T, d] (`reference_inputs`)."""
     with torch.inference_mode(False), torch.no_grad():
-        factors = hn.module(images[None].float())
+        factors = hn.module(inputs[None].float())
     return {k: (b[0].detach(), a[0].detach()) for k, (b, a) in factors.items()}
 
 
@@ -185,13 +248,15 @@ def lora_state_dict(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> di
     return sd
 
 
-def personalize(model, images: torch.Tensor, hn: Hypernet, *, strength: float = 1.0, node: str = NODE):
+def personalize(model, images: torch.Tensor, hn: Hypernet, *, strength: float = 1.0, clip_vision=None,
+                node: str = NODE):
     """(a clone of `model` with the predicted LoRA as weight patches, the same LoRA as a HOOKS group, the LoRA
-    state dict). The input model is untouched; strength 0 gives the base model's weights."""
+    state dict). The input model is untouched; strength 0 gives the base model's weights. `clip_vision`: required
+    by hypernetworks with the clip_vision encoder, unused (a warning) by conv ones."""
     if hn is None or not isinstance(hn, Hypernet):
         raise HypernetError(f"{node}: connect a GL_HYPERNET (GL_HypernetworkLoader or GL_HypernetworkTrain)")
     check_model(model, hn, node=node)
-    pics = subject_images(images, hn.module.config["image_size"], node=node)
+    pics = reference_inputs(hn, images, clip_vision, node=node)
     lora = lora_state_dict(predict(hn, pics))
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     patches = comfy.lora.load_lora(lora, key_map, log_missing=False)
@@ -200,6 +265,6 @@ def personalize(model, images: torch.Tensor, hn: Hypernet, *, strength: float = 
     if len(applied) != len(hn.targets):
         raise HypernetError(f"{node}: {len(applied)} of {len(hn.targets)} predicted LoRA modules matched the model")
     hooks = comfy.hooks.create_hook_lora(lora, strength_model=strength, strength_clip=0.0)
-    logging.info("%s: %d subject image(s) -> rank-%d LoRA on %d weights (strength %.2f)", node, len(pics),
-                 hn.module.config["rank"], len(applied), strength)
+    logging.info("%s: %d subject image(s) -> rank-%d LoRA on %d weights (strength %.2f, encoder %s)", node,
+                 len(pics), hn.module.config["rank"], len(applied), strength, hn.module.config["encoder"])
     return m, hooks, lora

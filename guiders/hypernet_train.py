@@ -17,6 +17,13 @@ from `subjects` of them); "folder" reads one sub-folder per subject (images, cap
 or a caption.txt in the sub-folder, else the empty prompt). Captions are encoded and folder images VAE-encoded
 before training starts, so the text encoder and the VAE never push the training clone out of memory.
 
+Image encoder: with a CLIP_VISION model (and no `resume`), a new hypernetwork gets the clip_vision encoder
+(kernels/hypernet.py): it reads the frozen CLIP vision model's penultimate hidden states through a trainable
+projection. Folder images are encoded once, at full size, before training; demo subjects are rendered per draw, so
+theirs are encoded per draw (no_grad; the demo model is small). Contrastive encoder pretraining exists for the conv
+encoder only: encoder_pretrain_steps > 0 with a CLIP vision model is refused (the CLIP vision model is the
+pretrained encoder). freeze_encoder then freezes the trainable projection.
+
 The loss history is measured on a fixed probe draw (same subjects, images, noise and σ each time), so its rows
 compare; checkpoints are written every `checkpoint_every` steps; progress bar; interruptible (the shared model is
 left clean).
@@ -63,9 +70,10 @@ class DemoSubjects:
 
     CAPTION_VARIANTS = (0, 1)         # "a red circle", "a large red circle": every one is encoded up front
 
-    def __init__(self, count: int, resolution: int, seed: int):
+    def __init__(self, count: int, resolution: int, seed: int, *, featurize=None):
         from ..demo import subjects, world
         self.subjects, self.world, self.count, self.size, self.seed = subjects, world, count, resolution, seed
+        self.featurize = featurize          # IMAGE [N, H, W, 3] → features [N, T, d]; None: references are images
 
     def captions(self) -> list[str]:
         w = self.world
@@ -80,13 +88,17 @@ class DemoSubjects:
         """Nothing to pre-encode: scenes are rendered per draw (the demo model is pixel-space)."""
 
     def draw(self, gen: torch.Generator, n_ref: int, n_tgt: int):
-        """(reference images [n_ref, 3, S, S], target images [n_tgt, 3, S, S] in [0, 1], target captions, None)."""
+        """(reference images [n_ref, 3, S, S] or their features [n_ref, T, d], target images [n_tgt, 3, S, S] in
+        [0, 1], target captions, None)."""
         subj = self.subjects.subject(int(torch.randint(0, self.count, (1,), generator=gen)))
         start = int(torch.randint(0, 10_000, (1,), generator=gen))
         images, _captions, labels = self.subjects.images(subj, start, n_ref + n_tgt, seed=self.seed, size=self.size)
         variants = torch.randint(0, len(self.CAPTION_VARIANTS), (n_tgt,), generator=gen).tolist()
         caps = [self.world.caption_for(lab, self.CAPTION_VARIANTS[v]) for lab, v in zip(labels[n_ref:], variants)]
-        return images[:n_ref], images[n_ref:], caps, None
+        refs = images[:n_ref]
+        if self.featurize is not None:
+            refs = self.featurize(refs.permute(0, 2, 3, 1))
+        return refs, images[n_ref:], caps, None
 
     def views(self, gen: torch.Generator, subjects: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two disjoint sets of n images for each of `subjects` distinct subjects: [subjects, n, 3, S, S] twice."""
@@ -102,26 +114,31 @@ class DemoSubjects:
 
 
 class FolderSubjects:
-    """One sub-folder per subject: its images (any size; centre-cropped and resized) and captions."""
+    """One sub-folder per subject: its images (any size; centre-cropped and resized) and captions; with `featurize`,
+    also every image's features (computed once, from the full-size image, as GL_Personalize computes them)."""
 
-    def __init__(self, root: str, resolution: int, *, node: str = NODE):
+    def __init__(self, root: str, resolution: int, *, node: str = NODE, featurize=None):
         from PIL import Image
         path = Path(root or "")
         if not root or not path.is_dir():
             raise hn_mod.HypernetError(f"{node}: folder {root!r} is not a directory; give a folder with one "
                                        "sub-folder of images per subject")
-        self.size, self.items = resolution, []
+        self.size, self.items, self.features = resolution, [], None if featurize is None else []
         for sub in sorted(p for p in path.iterdir() if p.is_dir()):
             shared = (sub / "caption.txt").read_text().strip() if (sub / "caption.txt").is_file() else ""
-            pics, caps = [], []
+            pics, caps, feats = [], [], []
             for f in sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
                 with Image.open(f) as im:
                     arr = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
                 pics.append(hn_mod.subject_images(arr[None], resolution, node=node)[0])
+                if featurize is not None:
+                    feats.append(featurize(arr[None])[0])
                 txt = f.with_suffix(".txt")
                 caps.append(txt.read_text().strip() if txt.is_file() else shared)
             if len(pics) >= 2:
                 self.items.append((sub.name, torch.stack(pics), caps))
+                if featurize is not None:
+                    self.features.append(torch.stack(feats))
         if not self.items:
             raise hn_mod.HypernetError(f"{node}: no sub-folder of {root!r} holds at least 2 images; each subject "
                                        "needs reference images and images to denoise")
@@ -140,7 +157,8 @@ class FolderSubjects:
         refs = order[:max(1, min(n_ref, len(pics) - 1))]
         rest = order[len(refs):]
         tgt = rest[torch.randint(0, len(rest), (n_tgt,), generator=gen)]
-        return pics[refs], pics[tgt], [caps[int(i)] for i in tgt], self.latents[k][tgt]
+        ref_inputs = pics[refs] if self.features is None else self.features[k][refs]
+        return ref_inputs, pics[tgt], [caps[int(i)] for i in tgt], self.latents[k][tgt]
 
     def views(self, gen: torch.Generator, subjects: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.randperm(len(self.items), generator=gen)[:subjects].tolist()
@@ -174,8 +192,9 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
                    min_snr_gamma: float = 5.0, warmup: int = 50, encoder_pretrain_steps: int = 0,
                    freeze_encoder: bool = False, seed: int = 0,
                    checkpoint_every: int = 0, checkpoint_prefix: str = "hypernet/train",
-                   resume: hn_mod.Hypernet | None = None, log=None) -> hn_mod.Hypernet:
-    """Train (or continue training `resume`) a hypernetwork for `model`; returns it (CPU, eval)."""
+                   resume: hn_mod.Hypernet | None = None, clip_vision=None, log=None) -> hn_mod.Hypernet:
+    """Train (or continue training `resume`) a hypernetwork for `model`; returns it (CPU, eval). `clip_vision`: a
+    new hypernetwork reads its features (encoder clip_vision); required to resume one that does."""
     t0 = time.perf_counter()
     if clip is None or vae is None:
         raise hn_mod.HypernetError(f"{NODE}: connect the model's CLIP (captions) and VAE (encodes the subject "
@@ -189,8 +208,9 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
         targets, layers = resume.targets, resume.layers
     else:
         targets = hn_mod.targets_for(model, layers, node=NODE)
-    data = (DemoSubjects(subjects, resolution, seed) if source == "demo subjects"
-            else FolderSubjects(folder, resolution))
+    featurize, encoder_cfg = _feature_encoder(resume, clip_vision, resolution, encoder_pretrain_steps)
+    data = (DemoSubjects(subjects, resolution, seed, featurize=featurize) if source == "demo subjects"
+            else FolderSubjects(folder, resolution, featurize=featurize))
     ms = model.get_model_object("model_sampling")
     kind = _KIND.get(family_name(ms))
     if kind is None:
@@ -204,7 +224,7 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
         else:
             with torch.random.fork_rng(devices=[]):          # seeded initialisation; the global RNG is left as it was
                 torch.manual_seed(seed)
-                module = hk.HyperNetwork(targets, {"rank": rank, "width": width, "depth": depth})
+                module = hk.HyperNetwork(targets, {"rank": rank, "width": width, "depth": depth, **encoder_cfg})
         module.train().requires_grad_(True)
         img_size = module.config["image_size"]
         pre = pretrain_encoder(module, data, encoder_pretrain_steps, gen, img_size=img_size, log=log) \
@@ -259,6 +279,7 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
             len(data.items), "learning_rate": learning_rate, "subjects_per_step": subjects_per_step,
             "ref_images": ref_images, "target_images": target_images, "resolution": resolution,
             "output_reg": output_reg, "min_snr_gamma": min_snr_gamma, "warmup": warmup, "seed": seed,
+            "encoder": module.config["encoder"],
             "encoder_pretrain_steps": encoder_pretrain_steps, "freeze_encoder": freeze_encoder,
             "encoder_pretrain_loss": pre[-1][1] if pre else None,
             "loss_history": history, "base": type(model.model).__name__,
@@ -266,6 +287,37 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
     logging.info("%s: %d steps in %.1f s; probe loss %.5f -> %.5f", NODE, steps, info["seconds"], history[0][1],
                  history[-1][1])
     return hn_mod.Hypernet(module, fam, layers, "trained", info)
+
+
+def _feature_encoder(resume, clip_vision, resolution: int, pretrain_steps: int) -> tuple:
+    """(featurize: IMAGE [N, H, W, C] → CLIP vision features [N, T, d], or None for the conv encoder; the encoder
+    settings of a new hypernetwork). Refuses a clip_vision `resume` without CLIP vision, another CLIP vision than
+    the one `resume` was trained with, and encoder pretraining with CLIP vision."""
+    reads = resume.module.reads_features if resume is not None else clip_vision is not None
+    if not reads:
+        if clip_vision is not None:
+            logging.warning("%s: resume has its own image encoder (conv); the connected clip_vision is not used",
+                            NODE)
+        return None, {}
+    if clip_vision is None:
+        cfg = resume.module.config
+        raise hn_mod.HypernetError(
+            f"{NODE}: resume '{resume.name}' reads CLIP vision features ({cfg['feature_tokens']} tokens × "
+            f"{cfg['feature_dim']} wide): connect the CLIP vision model it was trained with (CLIPVisionLoader) to "
+            "the clip_vision input")
+    if pretrain_steps > 0:
+        raise hn_mod.HypernetError(
+            f"{NODE}: encoder_pretrain_steps ({pretrain_steps}) pretrains the pack's own conv image encoder; with "
+            "a CLIP vision model the image encoder is that frozen, pretrained model: set encoder_pretrain_steps to "
+            "0 (or disconnect clip_vision to train the conv encoder)")
+
+    def featurize(images: torch.Tensor) -> torch.Tensor:
+        return hn_mod.clip_vision_features(clip_vision, images, node=NODE)
+    probe = featurize(torch.full((1, resolution, resolution, 3), 0.5))
+    if resume is not None:
+        hn_mod.check_features(resume, probe, node=NODE)
+    return featurize, {"encoder": "clip_vision", "feature_tokens": int(probe.shape[1]),
+                       "feature_dim": int(probe.shape[2])}
 
 
 def pretrain_encoder(module: hk.HyperNetwork, data, steps: int, gen: torch.Generator, *, img_size: int,
@@ -326,8 +378,9 @@ class _Stepper:
         u = torch.rand(len(caps), generator=gen) * 0.98 + 0.01
         sigma = torch.tensor([float(self.ms.percent_to_sigma(float(v))) for v in u])
         noise = torch.randn(x0.shape, generator=gen)
-        return {"refs": hk.resize_images(refs, self.img_size), "x0": x0, "sigma": sigma, "noise": noise,
-                "caps": caps}
+        if not self.module.reads_features:          # features arrive ready from the data (clip_vision encoder)
+            refs = hk.resize_images(refs, self.img_size)
+        return {"refs": refs, "x0": x0, "sigma": sigma, "noise": noise, "caps": caps}
 
     def loss(self, draw: dict) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.device

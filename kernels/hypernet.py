@@ -4,20 +4,23 @@ forward pass, trained end to end through the adapted model with an L2 penalty on
 
 The paper states the idea (images → LoRA-adapted weights, end-to-end training, output regularisation); its
 encoder, decoder, layer set and rank are not published in a form we could confirm. The architecture here is the
-labelled DESIGN of methods.md (after HyperDreamBooth / HyperLoRA), with a small trainable image encoder in place of
-a frozen CLIP-ViT (no pretrained weights in the pack):
+labelled DESIGN of methods.md (after HyperDreamBooth / HyperLoRA), with two image encoders to choose from:
 
-    images [S, n, 3, H, W] in [0, 1]
-      → convolutional encoder → n·(H/4)·(W/4) tokens per subject (every reference image's tokens, concatenated:
-        several images are fused by attention, any n)
+    encoder "conv": images [S, n, 3, H, W] in [0, 1]
+      → a small trainable convolutional encoder → (H/4)·(W/4) tokens per image, learned position embedding
+    encoder "clip_vision": features [S, n, T, d_feat] of a frozen image encoder (in the host: a CLIP vision model's
+        penultimate hidden states, computed outside this module)
+      → LayerNorm → trainable linear map d_feat → width, learned position embedding over the T tokens
+    then, for both: every reference image's tokens, concatenated (several images are fused by attention, any n)
       → decoder: one learned query per (target weight, factor) — 2 per target — refined by `depth` blocks of
         cross-attention to the image tokens, self-attention among the queries and an MLP
       → linear heads shared by the targets of one shape: A [r, in] from the A query, B [out, r] from the B query
     ΔW_l = B_l·A_l (scale 1). The B heads start at zero, so an untrained hypernetwork predicts ΔW = 0 exactly.
 
-The method's design uses a frozen pretrained image encoder; without pretrained weights, the encoder can be
-pretrained on the training subjects with a subject-contrastive objective (InfoNCE between two image sets of each
-subject: `contrastive_loss`) and then frozen — the pack's stand-in for a frozen CLIP/DINO encoder.
+The method's design uses a frozen pretrained image encoder ("clip_vision" when one is at hand). Without pretrained
+weights, the "conv" encoder can be pretrained on the training subjects with a subject-contrastive objective
+(InfoNCE between two image sets of each subject: `contrastive_loss`) and then frozen — the pack's stand-in for a
+frozen CLIP/DINO encoder.
 
 Pure torch: no ComfyUI import.
 """
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ENCODERS = ("conv",)
+ENCODERS = ("conv", "clip_vision")
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,8 @@ class Target:
 def default_config(**overrides) -> dict:
     """The hypernetwork's hyper-parameters (stored in the file's metadata)."""
     cfg = {"rank": 2, "width": 128, "depth": 2, "heads": 4, "image_size": 32, "encoder": "conv",
-           "encoder_channels": [32, 64, 128]}
+           "encoder_channels": [32, 64, 128], "feature_dim": 0, "feature_tokens": 0}
+    # image_size / encoder_channels: the conv encoder; feature_dim / feature_tokens (d_feat, T): the clip_vision one
     unknown = set(overrides) - set(cfg)
     if unknown:
         raise ValueError(f"unknown hypernetwork settings {sorted(unknown)}; known: {sorted(cfg)}")
@@ -72,6 +76,21 @@ class ConvEncoder(nn.Module):
         return f.flatten(2).transpose(1, 2) + self.pos
 
 
+class FeatureEncoder(nn.Module):
+    """Frozen image-encoder features [N, T, d_feat] → tokens [N, T, width]: LayerNorm (a ViT's penultimate hidden
+    states are its un-normalised residual stream, whose scale differs between models), a trainable linear map and a
+    learned position embedding."""
+
+    def __init__(self, feature_dim: int, tokens: int, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(feature_dim)
+        self.proj = nn.Linear(feature_dim, width)
+        self.pos = nn.Parameter(torch.randn(1, tokens, width) * 0.02)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(features)) + self.pos
+
+
 class _Block(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -90,7 +109,8 @@ class _Block(nn.Module):
 
 
 class HyperNetwork(nn.Module):
-    """Reference images of subjects → LoRA factors {key: (B [S, out, r], A [S, r, in])}."""
+    """Reference images (encoder conv) or their features (encoder clip_vision) of subjects → LoRA factors
+    {key: (B [S, out, r], A [S, r, in])}."""
 
     def __init__(self, targets: list[Target], config: dict | None = None):
         super().__init__()
@@ -101,9 +121,15 @@ class HyperNetwork(nn.Module):
             raise ValueError("a hypernetwork needs at least one target weight")
         if cfg["rank"] < 1 or cfg["width"] % cfg["heads"]:
             raise ValueError(f"rank must be >= 1 and width divisible by heads; got {cfg}")
+        if cfg["encoder"] == "clip_vision" and (cfg["feature_dim"] < 1 or cfg["feature_tokens"] < 1):
+            raise ValueError("encoder clip_vision needs the features' width and token count (feature_dim, "
+                             f"feature_tokens >= 1); got {cfg['feature_dim']}, {cfg['feature_tokens']}")
         self.config, self.targets = cfg, list(targets)
         width, r = cfg["width"], cfg["rank"]
-        self.encoder = ConvEncoder(list(cfg["encoder_channels"]), width, cfg["image_size"])
+        if self.reads_features:
+            self.encoder = FeatureEncoder(cfg["feature_dim"], cfg["feature_tokens"], width)
+        else:
+            self.encoder = ConvEncoder(list(cfg["encoder_channels"]), width, cfg["image_size"])
         self.project = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
         self.queries = nn.Parameter(torch.randn(2 * len(targets), width) * 0.02)
         self.blocks = nn.ModuleList(_Block(width, cfg["heads"]) for _ in range(cfg["depth"]))
@@ -117,15 +143,28 @@ class HyperNetwork(nn.Module):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """[S, n, 3, H, W] → tokens [S, n·T, width] (all reference images of a subject side by side)."""
-        if images.ndim != 5 or images.shape[2] != 3:
-            raise ValueError(f"reference images must be [subjects, images, 3, H, W]; got {tuple(images.shape)}")
-        size = self.config["image_size"]
-        if images.shape[-2:] != (size, size):
-            raise ValueError(f"reference images must be {size}×{size}; got {tuple(images.shape[-2:])}")
-        s, n = images.shape[:2]
-        tokens = self.encoder(images.reshape(s * n, *images.shape[2:]).float())
+    @property
+    def reads_features(self) -> bool:
+        """True: the input is image-encoder features [S, n, T, d_feat]; False: images [S, n, 3, H, W]."""
+        return self.config["encoder"] == "clip_vision"
+
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Images [S, n, 3, H, W] (conv) or features [S, n, T, d_feat] (clip_vision) → tokens [S, n·T, width] (all
+        reference images of a subject side by side)."""
+        if self.reads_features:
+            t, d = self.config["feature_tokens"], self.config["feature_dim"]
+            if inputs.ndim != 4 or tuple(inputs.shape[2:]) != (t, d):
+                raise ValueError(f"this hypernetwork reads image-encoder features [subjects, images, {t}, {d}] "
+                                 f"(tokens, width); got {tuple(inputs.shape)}")
+        else:
+            if inputs.ndim != 5 or inputs.shape[2] != 3:
+                raise ValueError("reference images must be [subjects, images, 3, H, W]; got "
+                                 f"{tuple(inputs.shape)}")
+            size = self.config["image_size"]
+            if inputs.shape[-2:] != (size, size):
+                raise ValueError(f"reference images must be {size}×{size}; got {tuple(inputs.shape[-2:])}")
+        s, n = inputs.shape[:2]
+        tokens = self.encoder(inputs.reshape(s * n, *inputs.shape[2:]).float())
         return tokens.reshape(s, n * tokens.shape[1], tokens.shape[2])
 
     def subject_embedding(self, images: torch.Tensor) -> torch.Tensor:
@@ -134,8 +173,8 @@ class HyperNetwork(nn.Module):
         encoder contrastively; not part of the factor path."""
         return self.project(self.encode(images).amax(dim=1))
 
-    def forward(self, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        tokens = self.encode(images)
+    def forward(self, inputs: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        tokens = self.encode(inputs)
         q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         for block in self.blocks:
             q = block(q, tokens)

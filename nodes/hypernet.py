@@ -1,5 +1,5 @@
-"""GL_HypernetworkLoader (→ GL_HYPERNET), GL_Personalize (MODEL + IMAGE + GL_HYPERNET → MODEL, HOOKS) and
-GL_HypernetworkTrain (MODEL, CLIP, VAE → GL_HYPERNET)."""
+"""GL_HypernetworkLoader (→ GL_HYPERNET), GL_Personalize (MODEL + IMAGE + GL_HYPERNET [+ CLIP_VISION] → MODEL,
+HOOKS) and GL_HypernetworkTrain (MODEL, CLIP, VAE [, CLIP_VISION] → GL_HYPERNET)."""
 from __future__ import annotations
 
 from comfy_api.latest import io, ui
@@ -15,8 +15,9 @@ SAVE_TO = ("gl_hypernetworks", "output")
 DESIGN_NOTE = (
     "Hypernetwork personalization after Shrestha et al. (arXiv 2511.03156): the paper predicts LoRA weights from "
     "subject images with a network trained end to end with an output regularisation; its encoder, decoder, layer "
-    "set and rank are not confirmed, so this architecture is Guidance Lab's design (small trainable image encoder "
-    "→ one learned query per target weight and factor → shared linear heads; rank-r LoRA; B heads start at zero).")
+    "set and rank are not confirmed, so this architecture is Guidance Lab's design (image encoder: a small trainable "
+    "conv encoder, or a connected CLIP vision model's penultimate features through a trainable projection → one "
+    "learned query per target weight and factor → shared linear heads; rank-r LoRA; B heads start at zero).")
 
 
 @register
@@ -75,8 +76,9 @@ class Personalize(io.ComfyNode):
                 "input model is untouched) and the same LoRA as HOOKS for hybrid-model CFG on one model: "
                 "GL_MultiModelGuider, mode hybrid, base model as model, and the prompt with these hooks "
                 "(ConditioningSetProperties) as positive_2 — D_u + cfg·(D_b − D_u) + w_p·(D_personal − D_b). "
-                "Several images are fused by attention over all of them. 0 extra NFEs (hybrid CFG: +1 per step). "
-                + DESIGN_NOTE),
+                "Several images are fused by attention over all of them. A hypernetwork trained with a CLIP vision "
+                "model needs that same model on clip_vision (the demo hypernetwork has its own encoder and needs "
+                "none). 0 extra NFEs (hybrid CFG: +1 per step). " + DESIGN_NOTE),
             inputs=[
                 io.Model.Input("model", tooltip="The base model the hypernetwork was trained for (same family and "
                                "weights; otherwise a clear error)."),
@@ -86,6 +88,10 @@ class Personalize(io.ComfyNode):
                 HypernetType.Input("hypernetwork", tooltip="From GL_HypernetworkLoader or GL_HypernetworkTrain."),
                 io.Float.Input("strength", default=1.0, min=-5.0, max=5.0, step=0.05, tooltip=(
                     "LoRA strength for the model and the hooks: 0 = the base model, 1 = the prediction.")),
+                io.ClipVision.Input("clip_vision", optional=True, tooltip=(
+                    "The CLIP vision model (CLIPVisionLoader) a clip_vision hypernetwork was trained with: it reads "
+                    "the images' penultimate features (a clear error if missing or of another width/token count). "
+                    "Unused by hypernetworks with their own conv encoder, such as the demo one.")),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The personalized model (a patched clone)."),
                      io.Hooks.Output(display_name="hooks", tooltip=(
@@ -93,8 +99,8 @@ class Personalize(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, images, hypernetwork, strength) -> io.NodeOutput:
-        m, hooks, _lora = hn.personalize(model, images, hypernetwork, strength=strength)
+    def execute(cls, model, images, hypernetwork, strength, clip_vision=None) -> io.NodeOutput:
+        m, hooks, _lora = hn.personalize(model, images, hypernetwork, strength=strength, clip_vision=clip_vision)
         return io.NodeOutput(m, hooks)
 
 
@@ -111,7 +117,9 @@ class HypernetworkTrain(io.ComfyNode):
                 "reference images → predicted LoRA → the model with that LoRA denoises other images of the subject "
                 "(the family's own loss: ε, v or velocity MSE) + output_reg·Σ‖B·A‖². Data: the demo world's "
                 "textured subjects, or a folder with one sub-folder per subject (images; captions in a .txt beside "
-                "each image or caption.txt). Progress bar; interruptible; checkpoints to the output folder; the "
+                "each image or caption.txt). With a CLIP vision model connected, a new hypernetwork reads its frozen "
+                "penultimate features (computed without gradients; folder images once up front) instead of training "
+                "its own conv encoder. Progress bar; interruptible; checkpoints to the output folder; the "
                 "result is saved under filename_prefix to models/gl_hypernetworks/ (or the output folder). "
                 + DESIGN_NOTE),
             inputs=[
@@ -147,9 +155,10 @@ class HypernetworkTrain(io.ComfyNode):
                 io.Int.Input("encoder_pretrain_steps", default=0, min=0, max=1_000_000, tooltip=(
                     "Before training: pretrain the image encoder to tell subjects apart (contrastive, two image sets "
                     "per subject; no model calls, fast). 0 = off. The method's design uses a frozen pretrained "
-                    "encoder; this is the pack's stand-in when none is available.")),
+                    "encoder; this is the pack's stand-in when none is available (must be 0 with clip_vision).")),
                 io.Boolean.Input("freeze_encoder", default=False, tooltip=(
-                    "Keep the image encoder fixed during the main training (use with encoder_pretrain_steps).")),
+                    "Keep the image encoder fixed during the main training (use with encoder_pretrain_steps; with "
+                    "clip_vision: the trainable feature projection).")),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Initialisation and data order."),
                 io.Int.Input("checkpoint_every", default=0, min=0, max=1_000_000, tooltip=(
                     "Save a checkpoint to output/hypernet/ every N steps (0 = none).")),
@@ -160,6 +169,11 @@ class HypernetworkTrain(io.ComfyNode):
                                         "lists it after a refresh); output = ComfyUI's output folder.")),
                 HypernetType.Input("resume", optional=True, tooltip=(
                     "Continue training this hypernetwork (its architecture and layers are kept).")),
+                io.ClipVision.Input("clip_vision", optional=True, tooltip=(
+                    "A frozen CLIP vision model (CLIPVisionLoader) as the image encoder: the new hypernetwork reads "
+                    "its penultimate hidden states through a trainable projection (width and token count are stored "
+                    "in the file; GL_Personalize then needs the same model). Required to resume such a "
+                    "hypernetwork; unused when resuming a conv one. Not connected = the pack's own conv encoder.")),
             ],
             outputs=[HypernetType.Output(display_name="hypernetwork", tooltip="The trained hypernetwork.")],
             is_experimental=True,
@@ -175,13 +189,14 @@ class HypernetworkTrain(io.ComfyNode):
     def execute(cls, model, clip, vae, source, folder, subjects, layers, rank, width, depth, steps, learning_rate,
                 subjects_per_step, ref_images, target_images, resolution, output_reg, encoder_pretrain_steps,
                 freeze_encoder, seed, checkpoint_every, filename_prefix, save_to="gl_hypernetworks",
-                resume=None) -> io.NodeOutput:
+                resume=None, clip_vision=None) -> io.NodeOutput:
         net = ht.train_hypernet(
             model, clip, vae, source=source, folder=folder, subjects=subjects, layers=layers, rank=rank,
             width=width, depth=depth, steps=steps, learning_rate=learning_rate,
             subjects_per_step=subjects_per_step, ref_images=ref_images, target_images=target_images,
             resolution=resolution, output_reg=output_reg, encoder_pretrain_steps=encoder_pretrain_steps,
-            freeze_encoder=freeze_encoder, seed=seed, checkpoint_every=checkpoint_every, resume=resume)
+            freeze_encoder=freeze_encoder, seed=seed, checkpoint_every=checkpoint_every, resume=resume,
+            clip_vision=clip_vision)
         history = net.info["loss_history"]
         text = f"probe loss {history[0][1]:.5f} → {history[-1][1]:.5f} in {net.info['seconds']} s"
         if filename_prefix.strip():

@@ -205,3 +205,236 @@ def test_encoder_pretraining_then_frozen_encoder(ht, demo_model):
         ht.pretrain_encoder(fresh, data, 3, t.Generator().manual_seed(5), img_size=32)
     for (k, a), (_k, b) in zip(net.module.encoder.state_dict().items(), fresh.encoder.state_dict().items()):
         assert t.equal(a, b), k
+
+
+# ------------------------------------------------------------------ encoder clip_vision (ComfyUI's CLIP_VISION)
+# A tiny random-weight CLIP ViT from the host's own classes (guiders/tiny_models.build_clip_vision): 32×32 input,
+# patch 8, hidden width 32, so its penultimate hidden states are 1 + 16 = 17 tokens × 32. Random weights: these
+# tests prove the plumbing (shapes, checks, training mechanics), not that CLIP features help.
+
+@pytest.fixture(scope="module")
+def vision(host):
+    tm = host.pack("guiders.tiny_models")
+    with torch.inference_mode():                 # as CLIPVisionLoader builds it inside the executor
+        return tm.build_clip_vision(32, seed=5)
+
+
+def _untrained_cv(hn, model, layers="attention", nonzero=True, seed=0, feature_dim=32, feature_tokens=17, **cfg):
+    return _untrained(hn, model, layers, nonzero, seed, encoder="clip_vision", feature_dim=feature_dim,
+                      feature_tokens=feature_tokens, **cfg)
+
+
+class _Counting:
+    """A CLIP_VISION stand-in that forwards to a real one and counts the images it encodes."""
+
+    def __init__(self, cv):
+        self.cv, self.image_size, self.images = cv, cv.image_size, 0
+
+    def encode_image(self, image, crop=True):
+        self.images += image.shape[0]
+        return self.cv.encode_image(image, crop=crop)
+
+
+def test_clip_vision_features_are_the_penultimate_hidden_states(hn, vision):
+    imgs = torch.cat([_images(3, 40, 48), torch.ones(3, 40, 48, 1)], -1)          # RGBA: alpha dropped
+    with torch.inference_mode():                                                  # as inside the executor
+        feats = hn.clip_vision_features(vision, imgs, chunk=2)                    # two chunks
+        out = vision.encode_image(imgs[..., :3], crop=True)
+    assert feats.shape == (3, 17, 32) and feats.dtype == torch.float32
+    assert not feats.is_inference() and not feats.requires_grad                   # usable by autograd in training
+    torch.testing.assert_close(feats, out.penultimate_hidden_states.float())
+    assert not torch.allclose(feats, out.last_hidden_state.float())               # not the last layer's states
+    with torch.enable_grad():                                        # outside inference mode: its own no_grad
+        torch.testing.assert_close(hn.clip_vision_features(vision, imgs), feats)
+
+
+def test_clip_vision_hypernetwork_on_the_demo_model(hn, demo_model, vision):
+    patcher, clip, _vae = demo_model
+    pos, neg = encode(clip, "a red circle"), encode(clip, "")
+    before = original_weights(patcher)
+    base = run(patcher, pos, neg, 5.0, batch=2)
+    m, _hooks, lora = hn.personalize(patcher, _images(), _untrained_cv(hn, patcher, nonzero=False),
+                                     clip_vision=vision)
+    assert all(float(v.abs().max()) == 0 for k, v in lora.items() if k.endswith("lora_up.weight"))
+    assert torch.equal(run(m, pos, neg, 5.0, batch=2), base)                        # untrained: ΔW = 0
+    net = _untrained_cv(hn, patcher)
+    zero, _hooks, _lora = hn.personalize(patcher, _images(), net, strength=0.0, clip_vision=vision)
+    assert torch.equal(run(zero, pos, neg, 5.0, batch=2), base)                     # strength 0: bit for bit
+    full, hooks, _lora = hn.personalize(patcher, _images(), net, clip_vision=vision)
+    out = run(full, pos, neg, 5.0, batch=2)
+    assert out.shape[0] == 2 and torch.isfinite(out).all() and not torch.allclose(out, base)
+    other, _hooks, _lora = hn.personalize(patcher, _images(seed=9), net, clip_vision=vision)
+    assert not torch.allclose(run(other, pos, neg, 5.0, batch=2), out)             # the images matter
+    assert torch.equal(run(patcher, pos, neg, 5.0, batch=2), base)                  # the input model is untouched
+    assert all(torch.equal(v, before[k]) for k, v in original_weights(patcher).items())
+    assert not patcher.patches and len(full.patches) == len(net.targets)
+
+
+def test_clip_vision_hypernetwork_on_flux_batch_two(hn, text_model, vision):
+    model, clip = text_model("flux")
+    net = _untrained_cv(hn, model)
+    m, hooks, _lora = hn.personalize(model, _images(2, 32, 32), net, strength=0.8, clip_vision=vision)
+    pos, neg = encode(clip, "a dog"), encode(clip, "")
+    base = run(model, pos, neg, 1.0, batch=2)
+    patched = run(m, pos, neg, 1.0, batch=2)
+    assert patched.shape[0] == 2 and torch.isfinite(patched).all() and not torch.allclose(patched, base)
+    import comfy.hooks
+    via_hooks = run(model, comfy.hooks.set_hooks_for_conditioning(pos, hooks), neg, 1.0, batch=2)
+    torch.testing.assert_close(via_hooks, patched, rtol=1e-4, atol=1e-4)
+    zero, _hooks, _lora = hn.personalize(model, _images(2, 32, 32), net, strength=0.0, clip_vision=vision)
+    assert torch.equal(run(zero, pos, neg, 1.0, batch=2), base)
+    assert torch.equal(run(model, pos, neg, 1.0, batch=2), base)
+
+
+def test_clip_vision_file_round_trip(hn, demo_model, vision, tmp_path):
+    patcher, _clip, _vae = demo_model
+    net = _untrained_cv(hn, patcher, rank=3)
+    path = hn.save(net, tmp_path / "cv.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        import json
+        cfg = json.loads(f.metadata()["config"])
+    assert (cfg["encoder"], cfg["feature_dim"], cfg["feature_tokens"]) == ("clip_vision", 32, 17)
+    back = hn.load(path)
+    assert back.module.reads_features and back.module.config == net.module.config and back.targets == net.targets
+    feats = hn.reference_inputs(back, _images(), vision)
+    a, b = hn.predict(net, feats), hn.predict(back, feats)
+    assert all(torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]) for k in a)
+
+
+def test_clip_vision_errors(hn, host, demo_model, vision, caplog):
+    patcher, _clip, _vae = demo_model
+    net = _untrained_cv(hn, patcher)
+    with pytest.raises(hn.HypernetError, match=r"GL_Personalize: the hypernetwork 'test' reads CLIP vision features "
+                                               r"\(17 tokens × 32 wide\): connect the CLIP vision model it was "
+                                               r"trained with \(CLIPVisionLoader\) to the clip_vision input"):
+        hn.personalize(patcher, _images(), net)
+    wide = _untrained_cv(hn, patcher, feature_dim=64)                     # as a ViT-H file given a ViT-L model
+    with pytest.raises(hn.HypernetError, match=r"GL_Personalize: the hypernetwork 'test' was trained on CLIP vision "
+                                               r"features of 17 tokens × 64 wide, but the connected CLIP vision "
+                                               r"model gives 17 tokens × 32 wide: connect the CLIP vision model it "
+                                               r"was trained with \(ViT-L/14 gives 1024-wide"):
+        hn.personalize(patcher, _images(), wide, clip_vision=vision)
+    tm = host.pack("guiders.tiny_models")
+    with torch.inference_mode():
+        coarse = tm.build_clip_vision(32, seed=5, patch_size=16)              # 1 + 4 tokens: another input grid
+    with pytest.raises(hn.HypernetError, match=r"gives 5 tokens × 32 wide"):
+        hn.personalize(patcher, _images(), net, clip_vision=coarse)
+    with pytest.raises(hn.HypernetError, match=r"clip_vision must be a CLIP_VISION model \(CLIPVisionLoader\); got "
+                                               r"str"):
+        hn.personalize(patcher, _images(), net, clip_vision="clip_vision_g.safetensors")
+    with pytest.raises(hn.HypernetError, match=r"subject images of 6×6 pixels are too small \(at least 8×8; the "
+                                               r"CLIP vision model reads 32 px\)"):
+        hn.personalize(patcher, torch.rand(1, 6, 6, 3), net, clip_vision=vision)
+    conv = _untrained(hn, patcher)                                            # a conv file ignores CLIP vision
+    with caplog.at_level("WARNING"):
+        _m, _h, with_cv = hn.personalize(patcher, _images(), conv, clip_vision=vision)
+    assert "has its own image encoder (conv); the connected clip_vision is not used" in caplog.text
+    _m, _h, without = hn.personalize(patcher, _images(), conv)
+    assert all(torch.equal(with_cv[k], without[k]) for k in without)
+
+
+@pytest.fixture(scope="module")
+def trained_cv(ht, demo_model, vision):
+    patcher, clip, vae = demo_model
+    before = original_weights(patcher)
+    vision_before = {k: v.clone() for k, v in vision.model.state_dict().items()}
+    counting = _Counting(vision)
+    with torch.inference_mode():
+        net = ht.train_hypernet(patcher, clip, vae, steps=25, rank=2, width=64, depth=1, subjects_per_step=2,
+                                ref_images=2, target_images=4, learning_rate=2e-3, seed=3, clip_vision=counting)
+    return net, before, vision_before, counting.images
+
+
+def test_clip_vision_training_lowers_the_probe_loss(hn, trained_cv, demo_model, vision):
+    net, before, vision_before, encoded = trained_cv
+    patcher, _clip, _vae = demo_model
+    cfg = net.module.config
+    assert (cfg["encoder"], cfg["feature_dim"], cfg["feature_tokens"]) == ("clip_vision", 32, 17)
+    assert net.info["encoder"] == "clip_vision"
+    hist = net.info["loss_history"]
+    assert [row[0] for row in hist] == [0, 25] and hist[0][2] == 0.0               # ΔW = 0 before training
+    assert all(math.isfinite(v) for row in hist for v in row[1:])
+    assert hist[-1][1] < hist[0][1], hist
+    # demo subjects are rendered per draw, so their references are encoded per draw: the shape probe (1 image),
+    # the 4 probe draws and 25 steps × 2 subjects, 2 references each
+    assert encoded == 1 + (4 + 25 * 2) * 2
+    assert all(torch.equal(v, before[k]) for k, v in original_weights(patcher).items())
+    assert all(torch.equal(v, vision_before[k]) for k, v in vision.model.state_dict().items())   # frozen
+    assert all(not getattr(m, "weight_function", []) for m in patcher.model.diffusion_model.modules())
+    m, _hooks, lora = hn.personalize(patcher, _images(), net, clip_vision=vision)
+    assert len(m.patches) == len(net.targets)
+    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if k.endswith("lora_up.weight"))   # trained
+
+
+def test_clip_vision_resume_and_refusals(ht, trained_cv, demo_model, vision, host):
+    net, _before, _vb, _n = trained_cv
+    patcher, clip, vae = demo_model
+    small = dict(steps=1, subjects_per_step=1, ref_images=1, target_images=1, seed=4)
+    with torch.inference_mode():
+        more = ht.train_hypernet(patcher, clip, vae, resume=net, clip_vision=vision, **small)
+    assert more.info["steps"] == 26 and more.module.config == net.module.config
+    with pytest.raises(ht.hn_mod.HypernetError, match=r"GL_HypernetworkTrain: resume 'trained' reads CLIP vision "
+                                                      r"features \(17 tokens × 32 wide\): connect the CLIP vision "
+                                                      r"model it was trained with"):
+        ht.train_hypernet(patcher, clip, vae, resume=net, **small)
+    tm = host.pack("guiders.tiny_models")
+    with torch.inference_mode():
+        coarse = tm.build_clip_vision(32, seed=5, patch_size=16)
+    with pytest.raises(ht.hn_mod.HypernetError, match=r"GL_HypernetworkTrain: the hypernetwork 'trained' was trained "
+                                                      r"on CLIP vision features of 17 tokens × 32 wide, but the "
+                                                      r"connected CLIP vision model gives 5 tokens"):
+        ht.train_hypernet(patcher, clip, vae, resume=net, clip_vision=coarse, **small)
+    with pytest.raises(ht.hn_mod.HypernetError, match=r"GL_HypernetworkTrain: encoder_pretrain_steps \(3\) pretrains "
+                                                      r"the pack's own conv image encoder; .* set "
+                                                      r"encoder_pretrain_steps to 0"):
+        ht.train_hypernet(patcher, clip, vae, clip_vision=vision, encoder_pretrain_steps=3, **small)
+
+
+def test_clip_vision_freeze_encoder_and_conv_resume(ht, trained, demo_model, vision, caplog):
+    patcher, clip, vae = demo_model
+    small = dict(steps=2, subjects_per_step=1, ref_images=1, target_images=1, rank=2, width=64, depth=1, seed=6,
+                 learning_rate=1e-2, warmup=1)
+    with torch.inference_mode():
+        frozen = ht.train_hypernet(patcher, clip, vae, clip_vision=vision, freeze_encoder=True, **small)
+    with torch.inference_mode(False), torch.random.fork_rng(devices=[]):          # the same seeded initialisation
+        torch.manual_seed(6)
+        fresh = ht.hk.HyperNetwork(frozen.targets, frozen.module.config)
+    for k, v in fresh.encoder.state_dict().items():                               # the projection stayed fixed
+        assert torch.equal(frozen.module.encoder.state_dict()[k], v), k
+    assert not torch.equal(frozen.module.queries, fresh.queries)                  # the rest trained
+    conv, _before = trained                                                        # a conv file ignores CLIP vision
+    with caplog.at_level("WARNING"), torch.inference_mode():
+        more = ht.train_hypernet(patcher, clip, vae, resume=conv, clip_vision=vision, steps=1, subjects_per_step=1,
+                                 ref_images=1, target_images=1, seed=4)
+    assert "resume has its own image encoder (conv); the connected clip_vision is not used" in caplog.text
+    assert more.module.config["encoder"] == "conv" and more.info["encoder"] == "conv"
+
+
+def test_clip_vision_training_on_flux_from_a_folder_encodes_each_image_once(ht, text_model, vision, tmp_path):
+    from PIL import Image
+    import numpy as np
+    import comfy.sd
+    model, clip = text_model("flux")
+    for s in range(2):
+        sub = tmp_path / f"subject{s}"
+        sub.mkdir()
+        (sub / "caption.txt").write_text("a dog")
+        for i in range(3):
+            arr = (np.random.default_rng(10 * s + i).random((40, 48, 3)) * 255).astype("uint8")
+            Image.fromarray(arr).save(sub / f"{i}.png")
+    vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+    before = original_weights(model)
+    counting = _Counting(vision)
+    with torch.inference_mode():
+        net = ht.train_hypernet(model, clip, vae, source="folder", folder=str(tmp_path), layers="attention", rank=2,
+                                width=32, depth=1, steps=3, subjects_per_step=2, ref_images=2, target_images=2,
+                                resolution=16, seed=0, clip_vision=counting)
+    assert net.family == "Flux" and net.module.reads_features and net.info["encoder"] == "clip_vision"
+    assert counting.images == 1 + 6                         # the shape probe, then each of the 6 images once
+    assert all(math.isfinite(v) for row in net.info["loss_history"] for v in row[1:])
+    assert all(torch.equal(v, before[k]) for k, v in original_weights(model).items())
+    # the folder's full-size images are what the hypernetwork read, as GL_Personalize would read them
+    data = ht.FolderSubjects(str(tmp_path), 16, featurize=lambda x: ht.hn_mod.clip_vision_features(vision, x))
+    full = torch.from_numpy(np.asarray(Image.open(tmp_path / "subject0" / "0.png"), dtype=np.float32) / 255.0)
+    torch.testing.assert_close(data.features[0][0], ht.hn_mod.clip_vision_features(vision, full[None])[0])

@@ -128,3 +128,86 @@ def test_subject_embedding_reads_every_reference_image():
         changed[0, 2] = torch.rand(3, 16, 16)
         z2 = net.subject_embedding(changed)
     assert not torch.allclose(z[0], z2[0]) and torch.allclose(z[1], z2[1])
+
+
+# ------------------------------------------------------------------------- encoder clip_vision (feature tokens)
+
+def _feature_net(seed=0, tokens=5, dim=12, **cfg):
+    torch.manual_seed(seed)
+    return hk.HyperNetwork(TARGETS, dict(dict(width=32, heads=2, depth=1, encoder="clip_vision", feature_dim=dim,
+                                              feature_tokens=tokens), **cfg))
+
+
+def test_feature_encoder_shapes_and_zero_delta_before_training():
+    net = _feature_net(rank=3)
+    assert net.reads_features and isinstance(net.encoder, hk.FeatureEncoder)
+    assert net.encoder.proj.weight.shape == (32, 12) and net.encoder.pos.shape == (1, 5, 32)
+    feats = torch.randn(2, 4, 5, 12) * 30                     # un-normalised, as a ViT's residual stream
+    with torch.no_grad():
+        assert net.encode(feats).shape == (2, 4 * 5, 32)
+        out = net(feats)
+    for t in TARGETS:
+        b, a = out[t.key]
+        assert b.shape == (2, t.out_dim, 3) and a.shape == (2, 3, t.in_dim)
+        assert torch.count_nonzero(b) == 0 and torch.count_nonzero(a) > 0 and torch.isfinite(a).all()
+    assert all(torch.count_nonzero(d) == 0 for s in range(2) for d in hk.deltas(out, s).values())
+    assert float(hk.output_penalty(out)) == 0.0
+
+
+def test_feature_encoder_takes_any_number_of_reference_images():
+    net = _feature_net()
+    for head in net.heads_b.values():
+        torch.nn.init.normal_(head.weight, std=0.1)
+    feats = torch.randn(3, 4, 5, 12, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = net(feats)
+        for n in (1, 2, 7):                                                   # 7: more than at any other call
+            more = torch.cat([feats, feats[:, :3]], 1)[:, :n]
+            got = net(more)
+            assert got[TARGETS[0].key][0].shape == (3, 16, 2) and torch.isfinite(got[TARGETS[0].key][0]).all()
+        one = net(feats[1:2])
+        perm = net(feats[:, [3, 1, 0, 2]])
+        fewer = net(feats[:, :1])
+    for k in full:
+        torch.testing.assert_close(one[k][0], full[k][0][1:2], rtol=1e-5, atol=1e-6)   # subjects are independent
+        torch.testing.assert_close(perm[k][0], full[k][0], rtol=1e-4, atol=1e-5)        # order-free fusion
+    assert not torch.allclose(fewer[TARGETS[0].key][0], full[TARGETS[0].key][0])
+
+
+def test_feature_encoder_refuses_wrong_shapes():
+    net = _feature_net()
+    with pytest.raises(ValueError, match=r"features \[subjects, images, 5, 12\] \(tokens, width\); got \(1, 2, 5, "
+                                         r"16\)"):
+        net(torch.randn(1, 2, 5, 16))                      # another encoder's width (a ViT-H file given ViT-L)
+    with pytest.raises(ValueError, match=r"got \(1, 2, 6, 12\)"):
+        net(torch.randn(1, 2, 6, 12))                      # another token count (another input size)
+    with pytest.raises(ValueError, match=r"got \(2, 5, 12\)"):
+        net(torch.randn(2, 5, 12))                         # no image axis
+    with pytest.raises(ValueError, match=r"image-encoder features"):
+        net(torch.rand(1, 2, 3, 16, 16))                   # images given to a feature hypernetwork
+    with pytest.raises(ValueError, match=r"\[subjects, images, 3, H, W\]"):
+        _net()(torch.randn(1, 2, 5, 12))                   # features given to a conv hypernetwork
+    with pytest.raises(ValueError, match=r"feature_dim, feature_tokens >= 1\); got 0, 5"):
+        _feature_net(dim=0)
+    with pytest.raises(ValueError, match=r"encoder 'dino': choose one of conv, clip_vision"):
+        _net(encoder="dino")
+
+
+def test_feature_encoder_gradients_reach_the_projection():
+    net = _feature_net()
+    for head in net.heads_b.values():                      # with B = 0 no gradient flows back to the tokens
+        torch.nn.init.normal_(head.weight, std=0.1)
+    feats = torch.randn(2, 3, 5, 12)
+    out = net(feats)
+    sum((b @ a).square().sum() for b, a in out.values()).backward()
+    for p in (net.encoder.proj.weight, net.encoder.proj.bias, net.encoder.norm.weight, net.encoder.pos,
+              net.queries, net.blocks[0].cross.in_proj_weight):
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0
+
+
+def test_config_defaults_keep_conv_files_readable():
+    old = {"rank": 2, "width": 32, "depth": 1, "heads": 2, "image_size": 16, "encoder": "conv",
+           "encoder_channels": [8, 8, 16]}                # a config written before the clip_vision encoder
+    net = hk.HyperNetwork(TARGETS, old)
+    assert not net.reads_features and net.config["feature_dim"] == 0 and net.config["feature_tokens"] == 0
+    assert isinstance(net.encoder, hk.ConvEncoder)

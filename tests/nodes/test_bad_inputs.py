@@ -190,6 +190,32 @@ def wrong_kind_files(host, tmp_path_factory):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def clip_vision_hypernets(host, demo_model, tmp_path_factory):
+    """Two untrained clip_vision hypernetworks for the demo model in a temporary gl_hypernetworks folder:
+    cv_tiny.safetensors reads GL_TinyCLIPVision's features (17 tokens × 32 wide), cv_wide.safetensors features 64
+    wide (as a hypernetwork trained with another CLIP vision model)."""
+    import folder_paths
+    import torch
+    hn = host.pack("guiders.hypernet")
+    hn.folders()
+    folder = tmp_path_factory.mktemp("cv_hypernets")
+    targets = hn.targets_for(demo_model[0], "attention")
+    for name, dim in (("cv_tiny", 32), ("cv_wide", 64)):
+        with torch.inference_mode(False):
+            module = hn.hk.HyperNetwork(targets, {"width": 32, "heads": 2, "depth": 1, "encoder": "clip_vision",
+                                                  "feature_dim": dim, "feature_tokens": 17})
+        hn.save(hn.Hypernet(module, "UNet", "attention", name), folder / f"{name}.safetensors")
+    folder_paths.add_model_folder_path("gl_hypernetworks", str(folder))
+    folder_paths.filename_list_cache.pop("gl_hypernetworks", None)
+    yield
+    paths = folder_paths.folder_names_and_paths["gl_hypernetworks"][0]
+    if str(folder) in paths:
+        paths.remove(str(folder))
+    folder_paths.filename_list_cache.pop("gl_hypernetworks", None)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------------------------ the cases
 
 @dataclass
@@ -969,6 +995,32 @@ def personalize_tiny_images(bad):
     return _demo_ksampler(g, [p, 0], clip)
 
 
+def _tiny_vision(g):
+    return [g.add("GL_TinyCLIPVision", projection_dim=96, seed=0), 0]
+
+
+@case("GL_Personalize", r"the hypernetwork 'cv_tiny' reads CLIP vision features \(17 tokens × 32 wide\)",
+      r"connect the CLIP vision model it was trained with \(CLIPVisionLoader\) to the clip_vision input", "execution")
+def personalize_clip_vision_hypernetwork_without_clip_vision(bad):
+    g = Graph()
+    model, clip, _vae = g.demo()
+    vision = {} if bad else {"clip_vision": _tiny_vision(g)}
+    p = g.add("GL_Personalize", model=model, images=_subject(g), hypernetwork=_hypernet(g, "cv_tiny.safetensors"),
+              strength=1.0, **vision)
+    return _demo_ksampler(g, [p, 0], clip)
+
+
+@case("GL_Personalize", r"trained on CLIP vision features of 17 tokens × 64 wide, but the connected CLIP vision "
+      r"model gives 17 tokens × 32 wide", r"connect the CLIP vision model it was trained with \(ViT-L/14 gives "
+      r"1024-wide", "execution")
+def personalize_clip_vision_of_another_width(bad):
+    g = Graph()
+    model, clip, _vae = g.demo()
+    p = g.add("GL_Personalize", model=model, images=_subject(g), strength=1.0, clip_vision=_tiny_vision(g),
+              hypernetwork=_hypernet(g, pick(bad, "cv_wide.safetensors", "cv_tiny.safetensors")))
+    return _demo_ksampler(g, [p, 0], clip)
+
+
 def _hypernet_train(g, **over):
     model, clip, vae = g.demo()
     inputs = dict(model=model, clip=clip, vae=vae, source="demo subjects", folder="", subjects=4, layers="attention",
@@ -990,6 +1042,21 @@ def hypernet_train_missing_folder(bad):
       fixed_runs=False)
 def hypernet_train_prefix_outside_folder(bad):
     return _hypernet_train(Graph(), filename_prefix=pick(bad, "../../hn", "bad_inputs/hn"))
+
+
+@case("GL_HypernetworkTrain", r"encoder_pretrain_steps \(2\) pretrains the pack's own conv image encoder",
+      r"set encoder_pretrain_steps to 0 \(or disconnect clip_vision", "execution")
+def hypernet_train_pretraining_with_clip_vision(bad):
+    g = Graph()
+    return _hypernet_train(g, encoder_pretrain_steps=pick(bad, 2, 0), clip_vision=_tiny_vision(g))
+
+
+@case("GL_HypernetworkTrain", r"resume 'cv_tiny' reads CLIP vision features \(17 tokens × 32 wide\)",
+      r"connect the CLIP vision model it was trained with \(CLIPVisionLoader\) to the clip_vision input", "execution")
+def hypernet_train_resume_clip_vision_without_clip_vision(bad):
+    g = Graph()
+    vision = {} if bad else {"clip_vision": _tiny_vision(g)}
+    return _hypernet_train(g, resume=_hypernet(g, "cv_tiny.safetensors"), **vision)
 
 
 @case("GL_DemoSubjectImages", r"split 'test'", r"choose one of 'train', 'heldout'", "validation")

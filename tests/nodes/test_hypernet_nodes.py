@@ -63,3 +63,39 @@ def test_train_node_saves_to_the_output_folder(nodes_mod, demo_model):
     from safetensors import safe_open
     with safe_open(str(saved[0]), framework="pt") as f:
         assert f.metadata()["format"] == "guidance_lab.hypernetwork/1"
+
+
+def test_clip_vision_inputs_are_optional_and_come_last(nodes_mod):
+    """Saved workflows depend on the existing inputs' names and order; clip_vision is an optional link at the end."""
+    personalize = nodes_mod.Personalize.define_schema().inputs
+    assert [i.id for i in personalize] == ["model", "images", "hypernetwork", "strength", "clip_vision"]
+    train = nodes_mod.HypernetworkTrain.define_schema().inputs
+    assert [i.id for i in train] == [
+        "model", "clip", "vae", "source", "folder", "subjects", "layers", "rank", "width", "depth", "steps",
+        "learning_rate", "subjects_per_step", "ref_images", "target_images", "resolution", "output_reg",
+        "encoder_pretrain_steps", "freeze_encoder", "seed", "checkpoint_every", "filename_prefix", "save_to",
+        "resume", "clip_vision"]
+    for schema_input in (personalize[-1], train[-1]):
+        assert schema_input.optional and schema_input.get_io_type() == "CLIP_VISION" and schema_input.tooltip
+
+
+def test_train_and_personalize_nodes_with_clip_vision(nodes_mod, host, demo_model):
+    import folder_paths
+    patcher, clip, vae = demo_model
+    tiny = host.pack("nodes.tiny_model")
+    with torch.inference_mode():
+        vision = tiny.TinyCLIPVision.execute(96, 0).result[0]
+        out = nodes_mod.HypernetworkTrain.execute(
+            patcher, clip, vae, "demo subjects", "", 100, "cross-attention k/v (UNet)", 1, 32, 1, 2, 1e-3, 1, 1, 2,
+            32, 1e-4, 0, False, 0, 0, "hypernet_test/cv", save_to="output", clip_vision=vision)
+    net = out.result[0]
+    assert net.module.reads_features and net.info["steps"] == 2
+    saved = list((Path(folder_paths.get_output_directory()) / "hypernet_test").glob("cv_*.safetensors"))
+    assert len(saved) == 1
+    back = host.pack("guiders.hypernet").load(saved[0])
+    assert back.module.config == net.module.config and back.module.config["encoder"] == "clip_vision"
+    images = nodes_mod.DemoSubjectImages.execute(0, "heldout", 3, 0, 32).result[0]
+    model, _hooks = nodes_mod.Personalize.execute(patcher, images, back, 1.0, vision).result
+    assert len(model.patches) == len(back.targets) and not patcher.patches
+    with pytest.raises(ValueError, match="GL_Personalize: the hypernetwork .* reads CLIP vision features"):
+        nodes_mod.Personalize.execute(patcher, images, back, 1.0)

@@ -1,0 +1,115 @@
+"""Train (or continue training) the demo hypernetwork and write demo/weights/demo_hypernet.safetensors.
+
+    python demo/train_hypernet.py --resume                          # continue the shipped file (CPU)
+    python demo/train_hypernet.py --resume --device cuda --seconds 400     # as many steps as fit 400 s on a GPU
+    python demo/train_hypernet.py --steps 20 --out /tmp/h.safetensors      # a quick run from scratch
+
+Runs GL_HypernetworkTrain's code (`guiders/hypernet_train.train_hypernet`) in the real host (tests/host.py boots
+ComfyUI; `--device cuda` lets it use the GPU) on the demo model and the demo world's training subjects (coarse
+surface patterns on demo shapes, `demo/subjects.py`); held-out subjects are never drawn. Without --resume the
+network is built with the shipped file's architecture (rank 4, width 128, depth 2, attention + feed-forward +
+convolutions) after `--pretrain` steps of contrastive encoder pretraining. With `--seconds`, two short timed runs
+first measure the seconds per step and the main run gets as many steps as fit. The file's metadata holds the
+settings, the probe-loss history, the seconds and the command; earlier rounds of a resumed file are kept under
+`rounds`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "tests") not in sys.path:             # tests/host.py boots the host as the tests do
+    sys.path.insert(0, str(REPO / "tests"))
+if str(REPO) not in sys.path:                       # appended: ComfyUI's top-level `nodes` must win over ours
+    sys.path.append(str(REPO))
+
+DEFAULT_OUT = REPO / "demo" / "weights" / "demo_hypernet.safetensors"
+LAYERS = "attention + feed-forward + convolutions (UNet)"
+CALIBRATION_STEPS = (10, 40)
+
+
+def log(message: str) -> None:
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="safetensors file to write")
+    p.add_argument("--resume", nargs="?", const=str(DEFAULT_OUT), default=None,
+                   help="continue this hypernetwork file (no value: the shipped one)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads on the CPU")
+    p.add_argument("--steps", type=int, default=1200, help="training steps (ignored with --seconds)")
+    p.add_argument("--seconds", type=float, default=0.0,
+                   help="time budget of the main run: the step count is measured to fit it (0 = use --steps)")
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--subjects", type=int, default=2000, help="training subjects drawn from")
+    p.add_argument("--subjects-per-step", type=int, default=4)
+    p.add_argument("--ref-images", type=int, default=3)
+    p.add_argument("--target-images", type=int, default=4)
+    p.add_argument("--output-reg", type=float, default=1e-4)
+    p.add_argument("--pretrain", type=int, default=800, help="encoder pretraining steps (new networks only)")
+    p.add_argument("--train-encoder", action="store_true",
+                   help="train the encoder end to end too (default: frozen after pretraining)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    os.environ["GL_TEST_DEVICE"] = args.device
+    os.environ.setdefault("GL_TEST_THREADS", str(args.threads))
+    import host
+    hst = host.boot()
+    import torch
+    dm, hn, ht = hst.pack("guiders.demo_model"), hst.pack("guiders.hypernet"), hst.pack("guiders.hypernet_train")
+    model, clip, vae = dm.load_demo_model(dm.find_checkpoint("demo_model"))
+    net = hn.load(args.resume) if args.resume else None
+    earlier = []
+    if net is not None:
+        earlier = list(net.info.get("rounds", [])) + [{k: v for k, v in net.info.items() if k != "rounds"}]
+    common = dict(source="demo subjects", subjects=args.subjects, layers=LAYERS, rank=4, width=128, depth=2,
+                  learning_rate=args.learning_rate, subjects_per_step=args.subjects_per_step,
+                  ref_images=args.ref_images, target_images=args.target_images, resolution=32,
+                  output_reg=args.output_reg, min_snr_gamma=5.0, freeze_encoder=not args.train_encoder,
+                  seed=args.seed)
+    t0 = time.perf_counter()
+    steps = args.steps
+    if args.seconds > 0:           # two short runs: their difference is the time of the extra steps alone
+        took = []
+        for n in CALIBRATION_STEPS:
+            t = time.perf_counter()
+            ht.train_hypernet(model, clip, vae, steps=n, warmup=0, resume=net, encoder_pretrain_steps=0, **common)
+            took.append(time.perf_counter() - t)
+        per_step = max((took[1] - took[0]) / (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0]), 1e-4)
+        steps = max(1, int((args.seconds - took[0]) / per_step))        # set-up time counted once
+        log(f"calibration: {took[0]:.1f} s for {CALIBRATION_STEPS[0]} steps, {took[1]:.1f} s for "
+            f"{CALIBRATION_STEPS[1]}: {per_step:.4f} s/step -> {steps} steps for {args.seconds:.0f} s")
+    result = ht.train_hypernet(model, clip, vae, steps=steps, warmup=50, resume=net,
+                               encoder_pretrain_steps=0 if net is not None else args.pretrain, **common,
+                               log=log)
+    seconds = time.perf_counter() - t0
+    result.info.update({
+        "command": " ".join(["python demo/train_hypernet.py", *(sys.argv[1:] if argv is None else argv)]),
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
+        "threads": args.threads, "torch": torch.__version__, "wall_seconds": round(seconds, 1)})
+    if earlier:
+        result.info["rounds"] = earlier
+    out = hn.save(result, args.out)
+    history = result.info["loss_history"]
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {steps} steps in {seconds:.0f} s; probe loss "
+        f"{history[0][1]:.5f} -> {history[-1][1]:.5f}")
+    log(json.dumps({k: v for k, v in result.info.items() if k not in ("loss_history", "rounds")})[:2000])
+    return result.info
+
+
+if __name__ == "__main__":
+    main()
