@@ -92,6 +92,7 @@ class Config:
     refresh: int = 1                 # multi-condition: refresh_every (accelerated nested variant when > 1)
     calibrated: bool = False         # LinearAG: coefficients fitted by GL_LinearAGCalibrate's code (see calibrate)
     region: str = "mask"             # multi-condition: regional prompts by "mask" (whole image) or "area" (crop)
+    diffier: tuple = (1, 0.5, 0.0, 0.5)  # DiffIER: iterations, step size, window start and end
     images: list = field(default_factory=list)      # [B, 3, 32, 32] per prompt, in prompt order
     nfe: list = field(default_factory=list)         # UNet rows per image, per prompt
     seconds: list = field(default_factory=list)     # graph wall time per prompt
@@ -158,10 +159,20 @@ AGD_CONFIGS = "cfg-1,cfg-3,cfg-5,cfg-7.5,agd-3,agd-5,agd-7.5"
 DIFFIER_SCALES = (3.0, 5.0, 7.5, 10.0, 15.0)
 
 
+# GL_SamplerDiffIER settings by key infix: (iterations K, step size η, window start, window end); "" = the defaults
+DIFFIER_VARIANTS = {"": (1, 0.5, 0.0, 0.5), "full-": (1, 0.5, 0.0, 1.0), "k3-": (3, 0.5, 0.0, 1.0),
+                    "late-": (1, 0.5, 0.5, 1.0), "eta1-": (1, 1.0, 0.0, 0.5)}
+
+
 def diffier_configs() -> list[Config]:
-    """Iterative error reduction (GL_SamplerDiffIER: euler base, K 1, η 0.5, window 0–0.5) across CFG scales."""
-    return [Config(f"diffier-{w:g}", f"DiffIER sampler, cfg {w:g} (euler, K 1, η 0.5, window 0–0.5)", "diffier", w,
-                   f"DiffIER cfg {w:g}") for w in DIFFIER_SCALES]
+    """Iterative error reduction (GL_SamplerDiffIER, euler base) across CFG scales: the defaults (K 1, η 0.5, window
+    0–0.5) as `diffier-<w>`, and the variants of DIFFIER_VARIANTS as `diffier-<variant>-<w>`."""
+    out = []
+    for infix, (k, eta, start, end) in DIFFIER_VARIANTS.items():
+        out += [Config(f"diffier-{infix}{w:g}", f"DiffIER sampler, cfg {w:g} (euler, K {k}, η {eta:g}, window "
+                       f"{start:g}–{end:g})", "diffier", w, f"DiffIER {infix}cfg {w:g}", diffier=(k, eta, start, end))
+                for w in DIFFIER_SCALES]
+    return out
 
 
 DIFFIER_CONFIGS = ",".join([f"cfg-{w:g}" for w in DIFFIER_SCALES] + [f"diffier-{w:g}" for w in DIFFIER_SCALES])
@@ -539,8 +550,9 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
         g["7"] = {"class_type": "CFGGuider", "inputs": {
             "model": model, "positive": ["3", 0], "negative": ["4", 0], "cfg": cfg.scale}}
         g["8"] = {"class_type": "GL_SamplerDiffIER", "inputs": {
-            "sampler_name": "euler", "iterations": 1, "step_size": 0.5, "tolerance": 1e-3, "start_percent": 0.0,
-            "end_percent": 0.5, "objective": "noise energy gap (Guidance Lab design)"}}
+            "sampler_name": "euler", "iterations": cfg.diffier[0], "step_size": cfg.diffier[1], "tolerance": 1e-3,
+            "start_percent": cfg.diffier[2], "end_percent": cfg.diffier[3],
+            "objective": "noise energy gap (Guidance Lab design)"}}
         _custom_advanced(g, model, prompt, steps, sampler=False)
     elif cfg.method == "fkc":
         g["8"] = {"class_type": "GL_SamplerFKC", "inputs": {
@@ -1018,22 +1030,29 @@ def diffier_checks(rows: list[dict]) -> list[str]:
     """The spread (max − min) of Fréchet distance and attribute accuracy over the CFG scales, CFG against DiffIER,
     and DiffIER at CFG's best scale (lowest Fréchet distance)."""
     cfg = [r for r in rows if r["key"] in {f"cfg-{w:g}" for w in DIFFIER_SCALES}]
-    dif = [r for r in rows if r["key"].startswith("diffier-")]
-    if len(cfg) < 2 or len(dif) < 2:
+    if len(cfg) < 2:
         return []
     lines = []
-    for name, key, fmt in (("Fréchet distance", "fd", lambda v: f"{v:.1f}"),
-                           ("attribute accuracy", "attribute", lambda v: f"{100 * v:.1f} points")):
-        spread = [max(r[key] for r in group) - min(r[key] for r in group) for group in (cfg, dif)]
-        scales = ", ".join(f"{r['scale']:g}" for r in cfg)
-        verdict = "smaller" if spread[1] < spread[0] else "not smaller"
-        lines.append(f"- Spread of {name} over cfg {scales}: CFG {fmt(spread[0])}, DiffIER {fmt(spread[1])} "
-                     f"({verdict}).")
     best = min(cfg, key=lambda r: r["fd"])
-    twin = next((r for r in dif if r["scale"] == best["scale"]), None)
-    if twin is not None:
-        lines.append(f"- At CFG's best scale by Fréchet distance ({best['label']}): {twin['label']} vs it: "
-                     + _vs(twin, best, "attribute:points", "fd:ratio", "nfe", "s_per_image:ratio2") + ".")
+    for infix, (k, eta, start, end) in DIFFIER_VARIANTS.items():
+        keys = {f"diffier-{infix}{w:g}" for w in DIFFIER_SCALES}
+        dif = [r for r in rows if r["key"] in keys]
+        if len(dif) < 2:
+            continue
+        tag = f"DiffIER (K {k}, η {eta:g}, window {start:g}–{end:g})"
+        scales = ", ".join(f"{r['scale']:g}" for r in cfg)
+        if [r["scale"] for r in dif] != [r["scale"] for r in cfg]:
+            scales += " (DiffIER: " + ", ".join(f"{r['scale']:g}" for r in dif) + ")"
+        for name, key, fmt in (("Fréchet distance", "fd", lambda v: f"{v:.1f}"),
+                               ("attribute accuracy", "attribute", lambda v: f"{100 * v:.1f} points")):
+            spread = [max(r[key] for r in group) - min(r[key] for r in group) for group in (cfg, dif)]
+            verdict = "smaller" if spread[1] < spread[0] else "not smaller"
+            lines.append(f"- Spread of {name} over cfg {scales}: CFG {fmt(spread[0])}, {tag} {fmt(spread[1])} "
+                         f"({verdict}).")
+        twin = next((r for r in dif if r["scale"] == best["scale"]), None)
+        if twin is not None:
+            lines.append(f"- At CFG's best scale by Fréchet distance ({best['label']}): {twin['label']} vs it: "
+                         + _vs(twin, best, "attribute:points", "fd:ratio", "nfe", "s_per_image:ratio2") + ".")
     return lines
 
 
