@@ -161,18 +161,23 @@ def test_resume_continues_and_counts_steps(ht, trained, demo_model):
     assert more.module is not net.module
 
 
-def test_training_on_flux_from_a_folder(ht, text_model, tmp_path):
+def _subject_folder(root, size: tuple[int, int], subjects: int = 2, images: int = 3) -> None:
+    """`subjects` sub-folders of `images` random RGB images of `size` (H, W), each with the caption "a dog"."""
     from PIL import Image
     import numpy as np
-    import comfy.sd
-    model, clip = text_model("flux")
-    for s in range(2):
-        sub = tmp_path / f"subject{s}"
+    for s in range(subjects):
+        sub = root / f"subject{s}"
         sub.mkdir()
         (sub / "caption.txt").write_text("a dog")
-        for i in range(3):
-            arr = (np.random.default_rng(10 * s + i).random((24, 24, 3)) * 255).astype("uint8")
+        for i in range(images):
+            arr = (np.random.default_rng(10 * s + i).random((*size, 3)) * 255).astype("uint8")
             Image.fromarray(arr).save(sub / f"{i}.png")
+
+
+def test_training_on_flux_from_a_folder(ht, text_model, tmp_path):
+    import comfy.sd
+    model, clip = text_model("flux")
+    _subject_folder(tmp_path, (24, 24))
     vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
     before = original_weights(model)
     with torch.inference_mode():
@@ -416,13 +421,7 @@ def test_clip_vision_training_on_flux_from_a_folder_encodes_each_image_once(ht, 
     import numpy as np
     import comfy.sd
     model, clip = text_model("flux")
-    for s in range(2):
-        sub = tmp_path / f"subject{s}"
-        sub.mkdir()
-        (sub / "caption.txt").write_text("a dog")
-        for i in range(3):
-            arr = (np.random.default_rng(10 * s + i).random((40, 48, 3)) * 255).astype("uint8")
-            Image.fromarray(arr).save(sub / f"{i}.png")
+    _subject_folder(tmp_path, (40, 48))
     vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
     before = original_weights(model)
     counting = _Counting(vision)
