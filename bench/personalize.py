@@ -17,7 +17,7 @@ CNN trained on patterned and flat objects), the world evaluator's attribute accu
 on flat objects only: it misreads the shape of patterned objects, see the ground-truth row), subject pattern
 accuracy (the sample's pattern class equals the subject's) and subject similarity (cosine between the sample's
 subject-evaluator features and the mean features of 16 ground-truth images of the subject), the share read as flat
-(no pattern), model rows per step (2 for CFG; 3 for hybrid-model CFG, as GL_MultiModelGuider's tests count them),
+(no pattern), model rows per step (UNet batch rows per image and step, counted by GLBench_CountNFE),
 seconds per image (wall time of the graph runs, sampling included). Writes section `personalization` of --out and
 bench/results/personalization.json.
 """
@@ -44,6 +44,7 @@ from bench import quality as q  # noqa: E402
 
 SECTION = "personalization"
 CFG = 5.0
+STEPS = 20
 DEFAULT_HYPERNET = REPO / "demo" / "weights" / "demo_hypernet.safetensors"
 
 
@@ -63,13 +64,14 @@ def graph(row: str, w_p: float, subject: int, caption: str, seed: int, batch: in
                                                             "batch_size": batch}},
          "7": {"class_type": "GL_DemoSubjectImages", "inputs": {"subject": subject, "split": "heldout", "count": 3,
                                                                 "start": 0, "size": 32}},
-         "8": {"class_type": "GL_Personalize", "inputs": {"model": ["1", 0], "images": ["7", 0],
+         "9": {"class_type": "GLBench_CountNFE", "inputs": {"model": ["1", 0]}},
+         "8": {"class_type": "GL_Personalize", "inputs": {"model": ["9", 0], "images": ["7", 0],
                                                           "hypernetwork": ["2", 0], "strength": 1.0}},
          "10": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
          "11": {"class_type": "GLBench_Capture", "inputs": {"images": ["10", 0]}}}
     if row in ("base", "personalized"):
         g["6"] = {"class_type": "KSampler", "inputs": {
-            "model": ["1", 0] if row == "base" else ["8", 0], "seed": seed, "steps": 20, "cfg": CFG,
+            "model": ["9", 0] if row == "base" else ["8", 0], "seed": seed, "steps": STEPS, "cfg": CFG,
             "sampler_name": "euler", "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0],
             "latent_image": ["5", 0], "denoise": 1.0}}
         if row == "base":
@@ -79,11 +81,11 @@ def graph(row: str, w_p: float, subject: int, caption: str, seed: int, batch: in
     g["12"] = {"class_type": "ConditioningSetProperties", "inputs": {
         "cond_NEW": ["3", 0], "strength": 1.0, "set_cond_area": "default", "hooks": ["8", 1]}}
     g["13"] = {"class_type": "GL_MultiModelGuider", "inputs": {
-        "model": ["1", 0], "positive": ["3", 0], "mode": "hybrid", "cfg": CFG, "scale_2": w_p, "start_percent": 0.0,
+        "model": ["9", 0], "positive": ["3", 0], "mode": "hybrid", "cfg": CFG, "scale_2": w_p, "start_percent": 0.0,
         "end_percent": 1.0, "max_ratio": 0.0, "negative": ["4", 0], "positive_2": ["12", 0]}}
     g["14"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}}
     g["15"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
-    g["16"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 20,
+    g["16"] = {"class_type": "BasicScheduler", "inputs": {"model": ["9", 0], "scheduler": "normal", "steps": STEPS,
                                                           "denoise": 1.0}}
     g["6"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
         "noise": ["14", 0], "guider": ["13", 0], "sampler": ["15", 0], "sigmas": ["16", 0], "latent_image": ["5", 0]}}
@@ -147,8 +149,8 @@ def main(argv=None) -> int:
     w_ps = [float(v) for v in args.w_p.split(",") if v.strip()]
     rows = [("base", 0.0), ("personalized", 0.0)] + [("hybrid", w) for w in w_ps]
     runner = q.Runner()
-    per_row = {f"{r}" if r != "hybrid" else f"hybrid w_p {w:g}": {"images": [], "subject": [], "seconds": 0.0}
-               for r, w in rows}
+    per_row = {f"{r}" if r != "hybrid" else f"hybrid w_p {w:g}": {"images": [], "subject": [], "seconds": 0.0,
+                                                                  "unet_rows": 0} for r, w in rows}
     truth = {"images": [], "subject": []}
     try:
         runner.run(graph("base", 0.0, 0, "", 0, 1, hpath.name))
@@ -156,8 +158,10 @@ def main(argv=None) -> int:
             for r, w in rows:
                 key = r if r != "hybrid" else f"hybrid w_p {w:g}"
                 for k, cap in enumerate(captions):
-                    imgs, _rows, secs = runner.run(graph(r, w, s, cap, args.seed + 100 * s + k, n, hpath.name))
+                    imgs, unet_rows, secs = runner.run(graph(r, w, s, cap, args.seed + 100 * s + k, n,
+                                                             hpath.name))
                     per_row[key]["images"].append(imgs)
+                    per_row[key]["unet_rows"] += unet_rows
                     per_row[key]["subject"] += [s] * len(imgs)
                     per_row[key]["seconds"] += secs
             truth["images"].append(ground_truth(s, pairs, n, s))
@@ -196,6 +200,7 @@ def main(argv=None) -> int:
                "subject_similarity": float(sim.mean())}
         if "seconds" in r:
             row["seconds_per_image"] = r["seconds"] / len(images)
+            row["rows_per_step"] = r["unet_rows"] / (len(images) * STEPS)
         table.append(row)
         print(json.dumps(row), flush=True)
     import comfy.utils as cu
@@ -230,8 +235,7 @@ def render(table: list[dict], info: dict, args, captions: list[str]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in table:
-        rows = "–" if r["row"] == "ground truth" else ("3" if r["row"].startswith("hybrid") and not
-                                                        r["row"].endswith(" 0") else "2")
+        rows = f"{r['rows_per_step']:.2f}" if "rows_per_step" in r else "–"
         secs = f"{r['seconds_per_image']:.3f}" if "seconds_per_image" in r else "–"
         lines.append(f"| {r['row']} | {100 * r['prompt_adherence']:.1f} % | {100 * r['attribute_accuracy']:.1f} % | "
                      f"{100 * r['pattern_accuracy']:.1f} % | "
@@ -239,8 +243,10 @@ def render(table: list[dict], info: dict, args, captions: list[str]) -> str:
     lines += ["", "Prompt adherence, subject pattern accuracy and similarity come from bench/subject_evaluator.py "
               "(evaluation only); attribute accuracy from bench/evaluator.py (trained on flat objects, it misreads "
               "patterned shapes: see its ground-truth figure). The ground-truth row is the evaluators' ceiling. "
-              "Model rows per step: 2 for CFG, 3 for hybrid-model CFG with w_p > 0 (the guider evaluates a term "
-              "only when its coefficient is non-zero)."]
+              "Model rows per step: UNet batch rows per image and step, counted by the bench node "
+              "GLBench_CountNFE (a DIFFUSION_MODEL wrapper on the loaded model, which the personalized clone and the "
+              "guider inherit): 2 for CFG, 3 for hybrid-model CFG with w_p > 0 (the guider evaluates a term only "
+              "when its coefficient is non-zero)."]
     return "\n".join(lines)
 
 
