@@ -132,14 +132,12 @@ def graph(settings: dict | None, caption: str, seed: int, batch: int, cfg: float
     erase = settings is not None
     settings = dict(settings or {})
     hooks = settings.pop("route", None) == "hooks"
-    if not erase:
-        pass
-    elif settings.get("node") == "GL_ConceptEraseTrain":
+    if erase and settings.get("node") == "GL_ConceptEraseTrain":
         g["21"] = {"class_type": "EmptyLatentImage", "inputs": {"width": q.LATENT_WIDGET, "height": q.LATENT_WIDGET,
                                                                 "batch_size": 1}}
         g["20"] = {"class_type": "GL_ConceptEraseTrain",
                    "inputs": {"model": ["1", 0], "clip": ["1", 1], "latent": ["21", 0], **TRAIN}}
-    else:
+    elif erase:
         g["20"] = {"class_type": "GL_ConceptErase",
                    "inputs": {"model": ["1", 0], "clip": ["1", 1], **{**DEFAULTS, **settings}}}
     if "20" in g and hooks:

@@ -195,16 +195,22 @@ def check_features(hn: Hypernet, features: torch.Tensor, *, node: str = NODE) ->
             f"CLIP vision model it was trained with ({CLIP_VISION_WIDTHS})")
 
 
+def missing_clip_vision(hn: Hypernet, label: str, *, node: str = NODE) -> HypernetError:
+    """The error for a clip_vision hypernetwork used without a CLIP vision model; `label` names it ("the
+    hypernetwork 'x'", "resume 'x'")."""
+    cfg = hn.module.config
+    return HypernetError(f"{node}: {label} reads CLIP vision features ({cfg['feature_tokens']} tokens × "
+                         f"{cfg['feature_dim']} wide): connect the CLIP vision model it was trained with "
+                         "(CLIPVisionLoader) to the clip_vision input")
+
+
 def reference_inputs(hn: Hypernet, images: torch.Tensor, clip_vision=None, *, node: str = NODE) -> torch.Tensor:
     """What the hypernetwork reads from one subject's IMAGE batch: images [N, 3, s, s] (encoder conv) or CLIP vision
     features [N, T, d] (encoder clip_vision)."""
     cfg = hn.module.config
     if hn.module.reads_features:
         if clip_vision is None:
-            raise HypernetError(
-                f"{node}: the hypernetwork '{hn.name}' reads CLIP vision features ({cfg['feature_tokens']} tokens × "
-                f"{cfg['feature_dim']} wide): connect the CLIP vision model it was trained with (CLIPVisionLoader) "
-                "to the clip_vision input")
+            raise missing_clip_vision(hn, f"the hypernetwork '{hn.name}'", node=node)
         features = clip_vision_features(clip_vision, images, node=node)
         check_features(hn, features, node=node)
         return features

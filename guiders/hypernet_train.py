@@ -300,11 +300,7 @@ def _feature_encoder(resume, clip_vision, resolution: int, pretrain_steps: int) 
                             NODE)
         return None, {}
     if clip_vision is None:
-        cfg = resume.module.config
-        raise hn_mod.HypernetError(
-            f"{NODE}: resume '{resume.name}' reads CLIP vision features ({cfg['feature_tokens']} tokens × "
-            f"{cfg['feature_dim']} wide): connect the CLIP vision model it was trained with (CLIPVisionLoader) to "
-            "the clip_vision input")
+        raise hn_mod.missing_clip_vision(resume, f"resume '{resume.name}'", node=NODE)
     if pretrain_steps > 0:
         raise hn_mod.HypernetError(
             f"{NODE}: encoder_pretrain_steps ({pretrain_steps}) pretrains the pack's own conv image encoder; with "
