@@ -2,12 +2,14 @@
 
     python demo/train_agd.py                                   # the shipped file (see the defaults below)
     python demo/train_agd.py --prompts 16 --steps 50 --out /tmp/a.safetensors     # a quick run
+    python demo/train_agd.py --resume demo/weights/demo_agd.safetensors ...         # continue a file
 
 Runs the pack's own code in the real host (tests/host.py boots ComfyUI on the CPU): GL_AGDCollect's
 `collect` samples `--prompts` training captions of the demo world (split train, mixed single/pair scenes; none is a
 benchmark caption) with CFG at ω ~ U[omega_min, omega_max], `--images` images per trajectory, 20 euler/normal
 steps, and GL_AGDTrain's `train_agd` trains the adapters on every recorded evaluation (every 20th trajectory held
-out for the loss history). The collection is kept under ComfyUI's output folder (a temporary one per run unless
+out for the loss history) with the relative objective, as the shipped file was (`--objective paper` for the
+paper's ε-MSE). The collection is kept under ComfyUI's output folder (a temporary one per run unless
 `--output-dir` is given), so a rerun with `--output-dir` resumes it. The file's metadata holds the training
 settings, the held-out loss history and the seconds taken.
 """
@@ -49,7 +51,13 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--objective", choices=("paper", "relative"), default="relative",
+                   help="training loss: the paper's ε-MSE, or the error relative to the guidance to add")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="seed of the adapters' initialisation and batch order (default: --seed, which also seeds the "
+                        "collection)")
+    p.add_argument("--resume", default=None, help="continue training this adapter file (its architecture is kept)")
     p.add_argument("--caption-seed", type=int, default=5, help="world seed of the training captions")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output-dir", default=None, help="ComfyUI output folder (keeps the collection for a rerun)")
@@ -84,9 +92,17 @@ def main(argv=None) -> dict:
         collect_s = time.perf_counter() - t0
         log(f"{data.summary()} {collect_s:.0f} s")
         t1 = time.perf_counter()
+        previous = ag.load(args.resume) if args.resume else None
+        rounds = []
+        if previous is not None:        # what earlier rounds did stays in the metadata
+            rounds = previous.info.pop("rounds", []) + [dict(previous.info)]
         adapter = trn.train_agd(model, data, hidden=args.hidden, features=args.features, steps=args.steps,
-                                batch_size=args.batch, learning_rate=args.lr, seed=args.seed,
+                                batch_size=args.batch, learning_rate=args.lr,
+                                seed=args.seed if args.train_seed is None else args.train_seed,
+                                objective=args.objective, resume=previous,
                                 log=lambda line: log(f"{line} ({time.perf_counter() - t1:.0f} s)"))
+    if rounds:
+        adapter.info["rounds"] = rounds
     adapter.info.update({"collect_seconds": round(collect_s, 1), "prompts": args.prompts,
                          "images_per_trajectory": args.images, "caption_seed": args.caption_seed,
                          "threads": args.threads, "machine": platform.processor() or platform.machine(),

@@ -4,7 +4,11 @@ The base model is frozen; the adapters (guiders/agd.py) run on a clone exactly a
 ω per sample passed through `transformer_options`. Loss per sample: w(σ)·‖D_student(x, σ, c; ω) − D_cfg‖² with
 w(σ) the family's own output weight — ‖ε_s − ε_cfg‖² on EPS models (the paper's loss), the velocity MSE on flow
 models, the v-MSE on V-prediction models (kernels.hypernet.denoising_weight, no Min-SNR) — where D_cfg = x − σ·u
-from the recorded trajectories. AdamW (weight decay 0), linear warm-up then cosine to lr·1e-4 (the authors'
+from the recorded trajectories (objective "paper"). Objective "relative" (Guidance Lab design, not the paper's):
+‖D_student − D_cfg‖² / ‖D_cond − D_cfg‖² per sample, D_cond the frozen model's conditional prediction (one extra
+forward without gradients), so every noise level and guidance scale weighs alike; the ε-MSE is ruled by large ω and
+the last, nearly clean steps, and on the demo model it left the small-ω and high-σ evaluations almost untrained.
+AdamW (weight decay 0), linear warm-up then cosine to lr·1e-4 (the authors'
 schedule), gradient norm clipped at 1.
 
 Every 20th trajectory is held out (when there are at least 20): the reported loss history is measured on a fixed
@@ -36,11 +40,14 @@ NODE = "GL_AGDTrain"
 HOLDOUT_EVERY = 20
 PROBE_SIZE = 512
 _KIND = {"eps": "eps", "v_prediction": "v", "flow": "flow"}
+OBJECTIVES = ("paper", "relative")
 
 
-def check(data, *, steps, batch_size, learning_rate, warmup, hidden, features) -> None:
+def check(data, *, steps, batch_size, learning_rate, warmup, hidden, features, objective="paper") -> None:
     if not isinstance(data, AGDData):
         raise ValueError(f"{NODE}: connect GL_AGDCollect's data output; got {type(data).__name__}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"{NODE}: objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("hidden", hidden, 4),
                              ("fourier_features", features, 2)):
         if value < low:
@@ -69,13 +76,14 @@ def split(data: AGDData) -> tuple[torch.Tensor, torch.Tensor]:
 class _Batches:
     """Moves data rows to the device and evaluates the student's loss on them."""
 
-    def __init__(self, patcher, data: AGDData, device, kind: str, sigma_data: float):
+    def __init__(self, patcher, base, data: AGDData, device, kind: str, sigma_data: float):
         self.p, self.data, self.device, self.kind, self.sd = patcher, data, device, kind, sigma_data
         self.conds = [{k: v.to(device) for k, v in c.items()} for c in data.conds]
         self.topts = patcher.model_options.get("transformer_options", {})
+        self.base_topts = base.model_options.get("transformer_options", {})     # without the adapters
         self.copy_saved = ag.family(patcher) != "UNet"
 
-    def loss(self, idx: torch.Tensor) -> torch.Tensor:
+    def loss(self, idx: torch.Tensor, objective: str = "paper") -> torch.Tensor:
         d, dev = self.data, self.device
         x, u = d.x[idx].to(dev, torch.float32), d.u[idx].to(dev, torch.float32)
         sigma, omega = d.sigma[idx].to(dev), d.omega[idx].to(dev)
@@ -87,23 +95,37 @@ class _Batches:
         with trn.saved_copies(self.copy_saved):            # Flux adds residuals in place
             student = self.p.model.apply_model(x, sigma, transformer_options=topts, **cond).float()
         target = ak.denoised_from_native(x, u, sigma)
+        if objective == "relative":
+            with torch.no_grad(), trn.saved_copies(self.copy_saved):
+                base = self.p.model.apply_model(x, sigma, transformer_options={**self.base_topts, "sigmas": sigma},
+                                                **cond).float()
+            return ak.relative_distill_loss(student, target, base).mean()
         err = (student - target).square().flatten(1).mean(1)
         return (denoising_weight(sigma, self.kind, self.sd) * err).mean()
 
-    def probe(self, idx: torch.Tensor, chunk: int = 64) -> float:
+    def probe(self, idx: torch.Tensor, objective: str = "paper", chunk: int = 64) -> float:
+        """Mean loss on `idx` under `objective`."""
         with torch.no_grad():
-            parts = [float(self.loss(idx[i:i + chunk])) * len(idx[i:i + chunk]) for i in range(0, len(idx), chunk)]
+            parts = [float(self.loss(idx[i:i + chunk], objective)) * len(idx[i:i + chunk])
+                     for i in range(0, len(idx), chunk)]
         return round(sum(parts) / len(idx), 6)
+
+    def row(self, step: int, idx: torch.Tensor, objective: str) -> list:
+        """A loss-history row: [step, the paper's loss] (comparable across runs), plus the relative loss when
+        that is the training objective."""
+        row = [step, self.probe(idx)]
+        return row + [self.probe(idx, objective)] if objective != "paper" else row
 
 
 def train_agd(model, data: AGDData, *, hidden: int = 320, features: int = 256, use_prompt: bool = True,
               time_token: bool = True, steps: int = 5000, batch_size: int = 64, learning_rate: float = 1e-4,
-              warmup: float = 0.1, seed: int = 0, checkpoint_every: int = 0, checkpoint_prefix: str = "agd/train",
+              warmup: float = 0.1, objective: str = "paper", seed: int = 0, checkpoint_every: int = 0,
+              checkpoint_prefix: str = "agd/train",
               resume: ag.AGDAdapter | None = None, log=None) -> ag.AGDAdapter:
     """Train (or continue training `resume`) adapters on `data`; returns them (CPU, eval)."""
     t0 = time.perf_counter()
     check(data, steps=steps, batch_size=batch_size, learning_rate=learning_rate, warmup=warmup, hidden=hidden,
-          features=features)
+          features=features, objective=objective)
     check_data(model, data)
     ms = model.get_model_object("model_sampling")
     kind = _KIND.get(family_name(ms))
@@ -127,8 +149,8 @@ def train_agd(model, data: AGDData, *, hidden: int = 320, features: int = 256, u
         comfy.model_management.load_models_gpu([t], memory_required=1e20, force_full_load=True)
         device = t.load_device
         modules.to(device).train().requires_grad_(True)
-        batches = _Batches(t, data, device, kind, float(getattr(ms, "sigma_data", 1.0)))
-        history = [[0, batches.probe(probe_idx)]]
+        batches = _Batches(t, model, data, device, kind, float(getattr(ms, "sigma_data", 1.0)))
+        history = [batches.row(0, probe_idx, objective)]
         opt = torch.optim.AdamW(modules.parameters(), lr=learning_rate, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: ak.lr_factor(i, steps, warmup=warmup))
         pbar = comfy.utils.ProgressBar(steps)
@@ -136,16 +158,17 @@ def train_agd(model, data: AGDData, *, hidden: int = 320, features: int = 256, u
         with torch.enable_grad():
             for step in range(steps):
                 idx = train_idx[torch.randint(0, len(train_idx), (batch_size,), generator=gen)]
-                loss = batches.loss(idx)
+                loss = batches.loss(idx, objective)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
                 opt.step()
                 sched.step()
                 if (step + 1) % every == 0 or step == steps - 1:
-                    history.append([step + 1, batches.probe(probe_idx)])
+                    history.append(batches.row(step + 1, probe_idx, objective))
                     if log:
-                        log(f"step {step + 1}: held-out loss {history[-1][1]:.5f}")
+                        log(f"step {step + 1}: held-out loss {history[-1][1]:.5f}"
+                            + (f", relative {history[-1][2]:.4f}" if objective != "paper" else ""))
                 if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                     _checkpoint(adapter, checkpoint_prefix, step + 1)
                 pbar.update(1)
@@ -154,6 +177,7 @@ def train_agd(model, data: AGDData, *, hidden: int = 320, features: int = 256, u
     prior = adapter.info.get("steps", 0) if resume is not None else 0
     adapter.info.update({
         "steps": prior + steps, "batch_size": batch_size, "learning_rate": learning_rate, "warmup": warmup,
+        "objective": objective,
         "seed": seed, "model_class": type(model.model).__name__, "model_fingerprint": model_fingerprint(model),
         "omega_min": data.meta["omega_min"], "omega_max": data.meta["omega_max"], "data_steps": data.meta["steps"],
         "sampler": data.meta["sampler"], "scheduler": data.meta["scheduler"], "trajectories": data.meta["trajectories"],

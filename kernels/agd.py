@@ -17,6 +17,9 @@ Pieces (pure torch, no ComfyUI import):
     cfg_target         the teacher: D_u + ω·(D_c − D_u), per sample.
     distill_loss       mean((D_s − D_t)²·α²/σ²) per sample over all non-batch dims = the paper's ε-MSE written in
                        denoised terms (DERIVED: ε = (x − α·D)/σ, so ε_s − ε_t = −α·(D_s − D_t)/σ).
+    relative_distill_loss
+                       ‖D_s − D_t‖²/‖D_c − D_t‖² per sample (Guidance Lab design): the error relative to the
+                       guidance the adapter must add, so every noise level and scale weighs alike.
     native_target / denoised_from_native
                        u = (x − D)/σ, the noise-like quantity stored for training (ε on EPS/V states, the velocity
                        on flow states, x = (1−σ)·x0 + σ·n) and its inverse D = x − σ·u; finite at every σ > 0.
@@ -147,6 +150,17 @@ def distill_loss(d_student: torch.Tensor, d_teacher: torch.Tensor, sigma: torch.
     a = torch.ones_like(s) if alpha is None else alpha.float().reshape(-1)
     err = (d_student.float() - d_teacher.float()).square().flatten(1).mean(1)
     return err * (a / s) ** 2
+
+
+def relative_distill_loss(d_student: torch.Tensor, d_teacher: torch.Tensor, d_cond: torch.Tensor, *,
+                          floor: float = 0.01) -> torch.Tensor:
+    """Per-sample ‖D_s − D_t‖² / ‖D_c − D_t‖² (means over all non-batch dims): the student's error relative to the
+    guidance it has to add (D_c = the frozen conditional prediction, i.e. the untrained adapter, which scores 1).
+    Every (σ, ω) counts alike, where the ε-MSE is ruled by large ω and small σ. The denominator is held at
+    ≥ `floor` × its batch mean so a row with almost no guidance (ω ≈ 1) cannot blow up. Guidance Lab design."""
+    err = (d_student.float() - d_teacher.float()).square().flatten(1).mean(1)
+    gap = (d_cond.float() - d_teacher.float()).square().flatten(1).mean(1)
+    return err / gap.clamp_min(floor * float(gap.mean()) + 1e-12)
 
 
 def native_target(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

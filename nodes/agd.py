@@ -104,7 +104,8 @@ class AGDTrain(io.ComfyNode):
             description=(
                 f"Step 2 of {PAPER}: trains small guidance-conditioned adapters, base model frozen, so that ONE "
                 "conditional forward pass at scale ω reproduces the recorded CFG prediction (loss: the family's own "
-                "output MSE — ε-MSE on EPS models as in the paper, velocity MSE on flow models). The adapters "
+                "output MSE — ε-MSE on EPS models as in the paper, velocity MSE on flow models; objective 'relative' "
+                "is Guidance Lab's design: the error relative to the guidance to add). The adapters "
                 "start at zero (= the base model). AdamW, 10 % warm-up then cosine decay (the authors' recipe: "
                 "lr 1e-4, batch 64, 5000 steps). Every 20th trajectory is held out; the text output shows the "
                 "held-out loss. " + PLACEMENT + " Progress bar; interruptible; checkpoints to the output folder; the "
@@ -134,6 +135,11 @@ class AGDTrain(io.ComfyNode):
                     "File name prefix: <prefix>_NNNNN_.safetensors (empty = do not save).")),
                 io.Combo.Input("save_to", options=list(SAVE_TO), default="gl_agd", tooltip=(
                     "gl_agd = models/gl_agd (GL_AGDLoader lists it after a refresh); output = the output folder.")),
+                io.Combo.Input("objective", options=list(tr.OBJECTIVES), default="paper", tooltip=(
+                    "paper = the family's output MSE (ε-MSE on EPS models, as in the paper). relative = Guidance "
+                    "Lab design: each sample's error divided by the guidance it has to add (‖D_cfg − D_cond‖², one "
+                    "extra forward without gradients, ~30 % slower), so small ω and high noise levels are learnt "
+                    "too; the ε-MSE is ruled by large ω and the last steps.")),
                 AdapterType.Input("resume", optional=True, tooltip=(
                     "Continue training these adapters (their architecture is kept; hidden etc. are ignored).")),
             ],
@@ -143,17 +149,18 @@ class AGDTrain(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, filename_prefix=None, save_to=None):
+    def validate_inputs(cls, filename_prefix=None, save_to=None, objective=None):
         return (filename_prefix_error("GL_AGDTrain", filename_prefix)
-                or choice_error("GL_AGDTrain", "save_to", save_to, SAVE_TO) or True)
+                or choice_error("GL_AGDTrain", "save_to", save_to, SAVE_TO)
+                or choice_error("GL_AGDTrain", "objective", objective, tr.OBJECTIVES) or True)
 
     @classmethod
     def execute(cls, model, data, hidden, fourier_features, use_prompt, time_token, steps, batch_size,
                 learning_rate, warmup, seed, checkpoint_every, filename_prefix, save_to="gl_agd",
-                resume=None) -> io.NodeOutput:
+                objective="paper", resume=None) -> io.NodeOutput:
         adapter = tr.train_agd(model, data, hidden=hidden, features=fourier_features, use_prompt=use_prompt,
                                time_token=time_token, steps=steps, batch_size=batch_size,
-                               learning_rate=learning_rate, warmup=warmup, seed=seed,
+                               learning_rate=learning_rate, warmup=warmup, seed=seed, objective=objective,
                                checkpoint_every=checkpoint_every, checkpoint_prefix="agd/checkpoint", resume=resume)
         history = adapter.info["loss_history"]
         text = (f"held-out loss {history[0][1]:.5f} (untrained = conditional model) → {history[-1][1]:.5f} after "

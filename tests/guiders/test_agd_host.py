@@ -183,6 +183,21 @@ def test_training_lowers_the_held_out_loss_and_the_file_round_trips(agd, col, tr
         trn.train_agd(text_model("flux")[0], data, steps=1)
 
 
+@pytest.mark.parametrize("family", ["demo", "flux"])
+def test_relative_objective_lowers_its_held_out_loss(col, trn, demo_model, text_model, family):
+    patcher, clip = demo_model[:2] if family == "demo" else text_model("flux")
+    data = _collect(col, patcher, clip, f"agd_test_relative_{family}", steps=3)
+    with torch.inference_mode():
+        adapter = trn.train_agd(patcher, data, hidden=16, features=16, steps=12, batch_size=8, learning_rate=1e-2,
+                                objective="relative")
+    hist = adapter.info["loss_history"]
+    assert adapter.info["objective"] == "relative" and all(len(row) == 3 for row in hist)
+    # step 0 is the conditional model itself: relative loss 1 on every row whose gap is above the floor
+    assert 0.5 < hist[0][2] <= 1.0 + 1e-6 and hist[-1][2] < 0.97 * hist[0][2]
+    with pytest.raises(ValueError, match="GL_AGDTrain: objective must be one of paper, relative; got 'l1'"):
+        trn.train_agd(patcher, data, steps=1, objective="l1")
+
+
 def test_training_on_a_flow_model_lowers_the_held_out_loss(col, trn, text_model):
     patcher, clip = text_model("flux")
     data = _collect(col, patcher, clip, "agd_test_flux", steps=3)

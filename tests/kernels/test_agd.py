@@ -60,6 +60,26 @@ def test_cfg_target_and_the_loss_equal_the_eps_mse():
     torch.testing.assert_close(agd.distill_loss(ds, t, sigma), ((ds - t) / s).square().mean(dim=(1, 2, 3)))
 
 
+def test_relative_loss_is_the_error_over_the_guidance_gap_and_scores_the_conditional_model_one():
+    g = torch.Generator().manual_seed(2)
+    dc, dt, ds = (torch.randn(4, 2, 3, 3, 2, generator=g) for _ in range(3))      # 5-D: video-shaped latents
+    gap = (dc - dt).square().flatten(1).mean(1)
+    torch.testing.assert_close(agd.relative_distill_loss(ds, dt, dc), (ds - dt).square().flatten(1).mean(1) / gap)
+    torch.testing.assert_close(agd.relative_distill_loss(dc, dt, dc), torch.ones(4))  # untrained adapter = 1
+    assert torch.equal(agd.relative_distill_loss(dt, dt, dc), torch.zeros(4))
+    # the same relative error at every scale of the guidance counts alike (the ε-MSE would weigh it by scale²)
+    scale = torch.tensor([0.3, 1.0, 2.0, 3.0]).reshape(-1, 1, 1, 1, 1)
+    rel = agd.relative_distill_loss(dt + scale * (ds - dt), dt, dt + scale * (dc - dt))
+    torch.testing.assert_close(rel, agd.relative_distill_loss(ds, dt, dc))
+    # a row with (almost) no guidance to add is held at the floor, not divided by ~0
+    dc2 = dc.clone()
+    dc2[0] = dt[0]
+    out = agd.relative_distill_loss(ds, dt, dc2, floor=0.01)
+    floor = 0.01 * float((dc2 - dt).square().flatten(1).mean(1).mean())
+    torch.testing.assert_close(out[0], (ds[0] - dt[0]).square().mean() / floor)
+    assert torch.isfinite(out).all()
+
+
 def test_additive_adapter_starts_at_zero_and_depends_on_omega_and_vec():
     torch.manual_seed(0)
     ad = agd.AdditiveAdapter(20, hidden=16, d_vec=12, features=32)

@@ -1102,12 +1102,12 @@ def agd_collect_video_latent(bad):
     return g.nodes
 
 
-def _agd_train(g, model=None, prefix=""):
+def _agd_train(g, model=None, prefix="", objective="paper"):
     demo, clip, _vae = g.demo()
     data = [_collect(g, demo, clip), 0]
     g.add("GL_AGDTrain", model=model or demo, data=data, hidden=4, fourier_features=2, use_prompt=True,
           time_token=True, steps=1, batch_size=2, learning_rate=1e-3, warmup=0.0, seed=0, checkpoint_every=0,
-          filename_prefix=prefix, save_to="output")
+          filename_prefix=prefix, save_to="output", objective=objective)
     return g.nodes
 
 
@@ -1121,6 +1121,12 @@ def agd_train_data_of_another_model(bad):
 @case("GL_AGDTrain", r"filename_prefix \('\.\./agd'\)", r"relative name without '\.\.'", "validation")
 def agd_train_prefix_outside_folder(bad):
     return _agd_train(Graph(), prefix=pick(bad, "../agd", "bad_inputs/agd"))
+
+
+@case("GL_AGDTrain", r"objective 'eps_l1' is not one of the options", r"choose one of 'paper', 'relative'",
+      "validation")
+def agd_train_unknown_objective(bad):
+    return _agd_train(Graph(), objective=pick(bad, "eps_l1", "relative"))
 
 
 def _agd_apply(g, model, adapter="demo_agd.safetensors"):
