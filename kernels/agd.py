@@ -160,7 +160,7 @@ def relative_distill_loss(d_student: torch.Tensor, d_teacher: torch.Tensor, d_co
     ≥ `floor` × its batch mean so a row with almost no guidance (ω ≈ 1) cannot blow up. Guidance Lab design."""
     err = (d_student.float() - d_teacher.float()).square().flatten(1).mean(1)
     gap = (d_cond.float() - d_teacher.float()).square().flatten(1).mean(1)
-    return err / gap.clamp_min(floor * float(gap.mean()) + 1e-12)
+    return err / gap.clamp_min(floor * gap.mean() + 1e-12)        # a tensor bound: no host sync per step
 
 
 def native_target(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

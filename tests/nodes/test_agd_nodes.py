@@ -38,6 +38,12 @@ def test_collect_train_and_apply_nodes(nodes_mod, ag, host, demo_model):
     assert adapter.info["steps"] == 2 and "held-out loss" in text and "saved x_" in text
     saved = list((Path(folder_paths.get_output_directory()) / "agd_test").glob("x_*.safetensors"))
     assert len(saved) == 1 and ag.load(saved[0]).sites == adapter.sites
+    with torch.inference_mode():
+        out = nodes_mod.AGDTrain.execute(patcher, data, 8, 8, True, True, 2, 4, 1e-3, 0.1, 0, 0, "",
+                                         objective="relative")
+    hist = out.result[0].info["loss_history"]
+    assert out.result[0].info["objective"] == "relative" and "saved" not in out.ui.as_dict()["text"][0]
+    assert f"(relative {hist[0][2]:.3f} → {hist[-1][2]:.3f})" in out.ui.as_dict()["text"][0]
     model = nodes_mod.AGDApply.execute(patcher, adapter, 4.0, 1.0).result[0]
     run(model, encode(clip, "a red circle"), encode(clip, ""), 1.0, batch=2, steps=5)
     report = host.pack("guiders.nfe").last_report(model)
@@ -71,5 +77,6 @@ def test_loader_reads_the_shipped_adapter(nodes_mod, ag, demo_model):
     base = sum(v.numel() for k, v in patcher.model_state_dict().items() if k.startswith("diffusion_model."))
     assert adapter.parameters() <= 0.05 * base                       # the parameter budget
     hist = adapter.info["loss_history"]
+    assert adapter.info["objective"] == "relative"                   # how demo/train_agd.py trains it
     assert hist[-1][1] < hist[0][1] and adapter.info["omega_min"] == 1.0 and adapter.info["omega_max"] == 12.0
     ag.check_model(patcher, adapter)                                  # made for the shipped demo model
