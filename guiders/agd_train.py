@@ -83,7 +83,8 @@ class _Batches:
         self.base_topts = base.model_options.get("transformer_options", {})     # without the adapters
         self.copy_saved = ag.family(patcher) != "UNet"
 
-    def loss(self, idx: torch.Tensor, objective: str = "paper") -> torch.Tensor:
+    def losses(self, idx: torch.Tensor, relative: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the paper's loss, the relative loss or None) on the rows `idx`, from one student forward."""
         d, dev = self.data, self.device
         x, u = d.x[idx].to(dev, torch.float32), d.u[idx].to(dev, torch.float32)
         sigma, omega = d.sigma[idx].to(dev), d.omega[idx].to(dev)
@@ -95,26 +96,32 @@ class _Batches:
         with trn.saved_copies(self.copy_saved):            # Flux adds residuals in place
             student = self.p.model.apply_model(x, sigma, transformer_options=topts, **cond).float()
         target = ak.denoised_from_native(x, u, sigma)
-        if objective == "relative":
-            with torch.no_grad(), trn.saved_copies(self.copy_saved):
-                base = self.p.model.apply_model(x, sigma, transformer_options={**self.base_topts, "sigmas": sigma},
-                                                **cond).float()
-            return ak.relative_distill_loss(student, target, base).mean()
         err = (student - target).square().flatten(1).mean(1)
-        return (denoising_weight(sigma, self.kind, self.sd) * err).mean()
+        paper = (denoising_weight(sigma, self.kind, self.sd) * err).mean()
+        if not relative:
+            return paper, None
+        with torch.no_grad(), trn.saved_copies(self.copy_saved):
+            base = self.p.model.apply_model(x, sigma, transformer_options={**self.base_topts, "sigmas": sigma},
+                                            **cond).float()
+        return paper, ak.relative_distill_loss(student, target, base).mean()
 
-    def probe(self, idx: torch.Tensor, objective: str = "paper", chunk: int = 64) -> float:
-        """Mean loss on `idx` under `objective`."""
+    def loss(self, idx: torch.Tensor, objective: str = "paper") -> torch.Tensor:
+        paper, rel = self.losses(idx, objective == "relative")
+        return paper if rel is None else rel
+
+    def row(self, step: int, idx: torch.Tensor, objective: str, chunk: int = 64) -> list:
+        """A loss-history row on the held-out rows `idx`: [step, the paper's loss] (comparable across runs), plus
+        the relative loss when that is the training objective (both from the same forwards)."""
+        relative = objective == "relative"
+        sums = [0.0, 0.0]
         with torch.no_grad():
-            parts = [float(self.loss(idx[i:i + chunk], objective)) * len(idx[i:i + chunk])
-                     for i in range(0, len(idx), chunk)]
-        return round(sum(parts) / len(idx), 6)
-
-    def row(self, step: int, idx: torch.Tensor, objective: str) -> list:
-        """A loss-history row: [step, the paper's loss] (comparable across runs), plus the relative loss when
-        that is the training objective."""
-        row = [step, self.probe(idx)]
-        return row + [self.probe(idx, objective)] if objective != "paper" else row
+            for i in range(0, len(idx), chunk):
+                part = idx[i:i + chunk]
+                paper, rel = self.losses(part, relative)
+                sums[0] += float(paper) * len(part)
+                sums[1] += float(rel) * len(part) if relative else 0.0
+        means = [round(v / len(idx), 6) for v in sums]
+        return [step, means[0]] + ([means[1]] if relative else [])
 
 
 def train_agd(model, data: AGDData, *, hidden: int = 320, features: int = 256, use_prompt: bool = True,
