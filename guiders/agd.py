@@ -162,6 +162,8 @@ def apply_adapters(model, adapter: AGDAdapter, omega: float, *, strength: float 
 def _patch_unet(m, adapter: AGDAdapter, omega: float, strength: float) -> None:
     ms = m.get_model_object("model_sampling")
     stash: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    folded: dict[str, ak.FoldedAttention] = {}          # inference snapshots, refolded when parameters change
+    shared: dict = {}                                   # the time features of the model call being run
     warned: list = []
 
     def site(extra_options: dict) -> str:
@@ -172,19 +174,36 @@ def _patch_unet(m, adapter: AGDAdapter, omega: float, strength: float) -> None:
         stash[site(extra_options)] = (n, context)
         return n, context, value
 
+    def time_features(extra_options: dict, rows: int, device) -> torch.Tensor:
+        """t(σ) features, computed once per model call (every site of a call gets the same `sigmas` tensor)."""
+        sigma = extra_options["sigmas"]
+        key = (rows, device)
+        if shared.get("sigmas") is not sigma or shared.get("key") != key:
+            t = ms.timestep(sigma.to(device).float()).reshape(-1)
+            shared.update(sigmas=sigma, key=key, features=ak.timestep_features(
+                t.repeat_interleave(rows // t.shape[0]), TIME_FEATURES))
+        return shared["features"]
+
     def add(n, extra_options):
         name = site(extra_options)
         _warn_uncond(extra_options, warned)
         h, context = stash.pop(name)
         mod = _on(adapter.modules[name], n.device)
-        w = _omega(extra_options, omega, h.shape[0], n.device)
-        t_emb = None
-        if mod.time is not None:
-            sigma = extra_options["sigmas"].to(n.device)
-            t = ms.timestep(sigma.float()).reshape(-1)
-            t_emb = ak.timestep_features(t.repeat_interleave(h.shape[0] // t.shape[0]), TIME_FEATURES)
+        rows = h.shape[0]
+        t_emb = time_features(extra_options, rows, n.device) if mod.time is not None else None
         ctx = context if mod.prompt is not None else None
-        return n + (strength * mod(h, w, t_emb, ctx)).to(n.dtype)
+        per_row = extra_options.get("guidance_lab", {}).get(OMEGA_KEY)
+        per_row = per_row if torch.is_tensor(per_row) and per_row.numel() == rows else None
+        if torch.is_grad_enabled():                     # training: the module itself, so gradients reach it
+            out = mod(h, _omega(extra_options, omega, rows, n.device), t_emb, ctx)
+        else:
+            f = folded.get(name)
+            if f is None or f.version != ak.parameter_version(mod):
+                f = folded[name] = ak.FoldedAttention(mod)
+            okv = (f.omega_kv(per_row.reshape(rows).to(n.device, torch.float32)) if per_row is not None
+                   else f.constant_omega_kv(omega, rows))
+            out = f(h, f.kv(okv, t_emb, ctx))
+        return n + (out if strength == 1.0 else strength * out).to(n.dtype)
 
     m.set_model_attn2_patch(keep)
     m.set_model_attn2_output_patch(add)

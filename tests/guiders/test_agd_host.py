@@ -132,18 +132,62 @@ def test_recorded_targets_are_the_cfg_predictions_of_the_sampled_trajectory(col,
     torch.testing.assert_close(_predict(guider, x, sigma), want, atol=1e-4, rtol=1e-4)
 
 
-def _predict(guider, x, sigma):
-    """The guider's prediction at (x, σ), through the host's whole sampling set-up (a one-call sampler)."""
+def _predict(guider, x, sigma, *, grad=False):
+    """The guider's prediction at (x, σ), through the host's whole sampling set-up (a one-call sampler); grad=True
+    runs it with autograd on (as training does) instead of in inference mode."""
+    import contextlib
+
     import comfy.samplers
     seen = {}
 
     def one_call(model, noise, sigmas, extra_args=None, callback=None, disable=None):
         seen["d"] = model(x, sigma, **(extra_args or {}))
         return x
-    with torch.inference_mode():
+    mode = contextlib.ExitStack()
+    if grad:
+        mode.enter_context(torch.inference_mode(False))
+        mode.enter_context(torch.enable_grad())
+    else:
+        mode.enter_context(torch.inference_mode())
+    with mode:
         guider.sample(torch.zeros_like(x), torch.zeros_like(x), comfy.samplers.KSAMPLER(one_call),
                       torch.tensor([float(sigma[0]), 0.0]), seed=0, disable_pbar=True)
     return seen["d"]
+
+
+def test_inference_runs_the_folded_adapters_with_the_modules_outputs(agd, demo_model):
+    """In inference the UNet sites run kernels' FoldedAttention (folded key/value maps, one ψ(ω) per run); with
+    autograd on (training) they run the modules. Both give the same prediction, for the node's ω and per-row ω."""
+    import comfy.samplers
+    patcher, clip, _vae = demo_model
+    adapter = _randomise(agd.build_adapters(patcher, hidden=32, features=16), std=0.2)
+    adapter.modules.requires_grad_(False)     # the host's weights are inference tensors: autograd on, nothing tracked
+    g = torch.Generator().manual_seed(3)
+    x, sigma = torch.randn(2, 3, 16, 16, generator=g) * 3.0, torch.tensor([3.0, 3.0])
+
+    def predict(m, grad):
+        guider = comfy.samplers.CFGGuider(m)
+        guider.set_conds(encode(clip, "a red circle"), encode(clip, ""))
+        guider.set_cfg(1.0)
+        return _predict(guider, x, sigma, grad=grad).detach()
+    base = predict(patcher, False)
+    m = agd.apply_adapters(patcher, adapter, 5.0)
+    folded, module = predict(m, False), predict(m, True)
+    assert (folded - base).abs().max() > 1e-2                        # the adapters act
+    torch.testing.assert_close(folded, module, atol=1e-4, rtol=1e-4)
+    per_row = agd.apply_adapters(patcher, adapter, 5.0)
+    per_row.model_options["transformer_options"]["guidance_lab"] = {"agd_omega": torch.tensor([5.0, 9.0])}
+    rows_folded, rows_module = predict(per_row, False), predict(per_row, True)
+    torch.testing.assert_close(rows_folded, rows_module, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rows_folded[0], folded[0], atol=1e-5, rtol=1e-5)
+    nine = predict(agd.apply_adapters(patcher, adapter, 9.0), False)
+    torch.testing.assert_close(rows_folded[1], nine[1], atol=1e-5, rtol=1e-5)
+    # retrained in place (a training step): the next inference call refolds
+    with torch.no_grad():
+        for a in adapter.modules.values():
+            a.out.weight.mul_(-1.0)
+    torch.testing.assert_close(predict(m, False), predict(m, True), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(predict(m, False), folded, atol=1e-3)
 
 
 def test_collection_resumes_from_its_shards_and_refuses_other_settings(col, demo_model):

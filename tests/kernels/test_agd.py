@@ -134,3 +134,40 @@ def test_lr_factor_warms_up_then_decays_to_the_floor():
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
     assert f[-1] == pytest.approx(1e-4) and f[10] == pytest.approx(1.0)
     assert agd.lr_factor(0, 1) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("time_token,prompt", [(True, True), (True, False), (False, True), (False, False)])
+def test_folded_attention_is_the_adapter(time_token, prompt):
+    torch.manual_seed(0)
+    ad = agd.AttentionAdapter(24, hidden=16, d_time=8 if time_token else 0, d_context=12 if prompt else 0)
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.normal_(std=0.3)
+    h, w = torch.randn(3, 10, 24), torch.tensor([3.0, 9.0, 1.5])
+    t, c = torch.randn(3, 8) if time_token else None, torch.randn(3, 5, 12) if prompt else None
+    want = ad(h, w, t, c)
+    f = agd.FoldedAttention(ad)
+    kv = f.kv(f.omega_kv(w), t, c)
+    assert kv.shape == (3, 1 + time_token + (5 if prompt else 0), 32)
+    for manual in (True, False):
+        torch.testing.assert_close(f(h, kv, matmul_softmax=manual), want, atol=1e-5, rtol=1e-5)
+    # a constant ω is kept per (ω, rows) and equals the per-row form
+    one = f.constant_omega_kv(9.0, 3)
+    assert one is f.constant_omega_kv(9.0, 3)
+    torch.testing.assert_close(one, f.omega_kv(torch.full((3,), 9.0)))
+    # another prompt length gets its own position rows
+    if prompt:
+        c7 = torch.randn(3, 7, 12)
+        torch.testing.assert_close(f(h, f.kv(f.omega_kv(w), t, c7)), ad(h, w, t, c7), atol=1e-5, rtol=1e-5)
+
+
+def test_folded_attention_version_tracks_parameter_updates():
+    ad = agd.AttentionAdapter(8, hidden=8, d_time=4, d_context=4)
+    v0 = agd.parameter_version(ad)
+    assert agd.parameter_version(ad) == v0
+    with torch.no_grad():
+        ad.out.weight.add_(1.0)
+    assert agd.parameter_version(ad) != v0
+    with pytest.raises(ValueError, match="pass time_emb"):
+        f = agd.FoldedAttention(ad)
+        f.kv(f.omega_kv(torch.ones(2)), None, torch.randn(2, 3, 4))
