@@ -122,7 +122,9 @@ class FoldedAttention:
         dev = torch.device(device) if device is not None else a.q.weight.device
         with torch.no_grad():
             hid = a.hidden
-            self.hidden, self.version = hid, parameter_version(a)
+            self.hidden, self.device = hid, dev
+            self._params = list(a.parameters())
+            self.version = _versions(self._params)
             wkv = torch.cat([a.k.weight * hid ** -0.5, a.v.weight]).float().to(dev)
             bkv = torch.cat([a.k.bias * hid ** -0.5, a.v.bias]).float().to(dev)
             self.n_fixed = 1 + (a.time is not None)
@@ -139,6 +141,10 @@ class FoldedAttention:
             self.q = (a.q.weight.float().to(dev), a.q.bias.float().to(dev))
             self.out = (a.out.weight.float().to(dev), a.out.bias.float().to(dev))
 
+    def stale(self) -> bool:
+        """True once the adapter's parameters were updated or moved after folding (then fold again)."""
+        return _versions(self._params) != self.version
+
     def omega_kv(self, omega: torch.Tensor) -> torch.Tensor:
         """K,V rows of the ψ(ω) token [B, 1, 2·hidden]."""
         with torch.no_grad():
@@ -153,24 +159,28 @@ class FoldedAttention:
             out = self._constant[key] = self.omega_kv(torch.full((rows,), float(omega), device=self._wkv.device))
         return out
 
+    def prompt_kv(self, context: torch.Tensor) -> torch.Tensor:
+        """K,V rows of the prompt tokens [B, T, 2·hidden] (a caller may keep them while the prompt is unchanged)."""
+        n = context.shape[1]
+        bias = self._prompt_bias.get(n)
+        if bias is None:
+            pos = token_positions(self.n_fixed + n, self.hidden, self._wkv.device)[self.n_fixed:]
+            bias = self._prompt_bias[n] = self.prompt[1] + pos @ self._wkv.T
+        return F.linear(context.float(), self.prompt[0]) + bias
+
     def kv(self, omega_kv: torch.Tensor, time_emb: torch.Tensor | None = None,
-           context: torch.Tensor | None = None) -> torch.Tensor:
+           context: torch.Tensor | None = None, *, prompt_kv: torch.Tensor | None = None) -> torch.Tensor:
         """The key/value sequence [B, n, 2·hidden] (keys pre-scaled) in AttentionAdapter.tokens' order; omega_kv
-        from `omega_kv` with the same B rows."""
+        from `omega_kv` with the same B rows; the prompt part from `context`, or given as `prompt_kv`."""
         parts = [omega_kv]
         if self.time is not None:
             if time_emb is None:
                 raise ValueError("this adapter reads the time embedding; pass time_emb")
             parts.append(F.linear(time_emb.float(), *self.time)[:, None])
         if self.prompt is not None:
-            if context is None:
+            if prompt_kv is None and context is None:
                 raise ValueError("this adapter reads the prompt tokens; pass context")
-            n = context.shape[1]
-            bias = self._prompt_bias.get(n)
-            if bias is None:
-                pos = token_positions(self.n_fixed + n, self.hidden, self._wkv.device)[self.n_fixed:]
-                bias = self._prompt_bias[n] = self.prompt[1] + pos @ self._wkv.T
-            parts.append(F.linear(context.float(), self.prompt[0]) + bias)
+            parts.append(prompt_kv if prompt_kv is not None else self.prompt_kv(context))
         return torch.cat(parts, dim=1)
 
     def __call__(self, h: torch.Tensor, kv: torch.Tensor, *, matmul_softmax: bool | None = None) -> torch.Tensor:
@@ -186,9 +196,9 @@ class FoldedAttention:
         return F.linear(att, *self.out).to(h.dtype)
 
 
-def parameter_version(module: nn.Module) -> tuple:
-    """A key that changes whenever one of the module's parameters is replaced or updated in place."""
-    return tuple((id(p), p.data_ptr(), _version(p), p.device) for p in module.parameters())
+def _versions(params: list) -> tuple:
+    """A key that changes whenever one of these parameters is updated in place or moved."""
+    return tuple((p.data_ptr(), _version(p), p.device) for p in params)
 
 
 def _version(t: torch.Tensor) -> int:

@@ -190,6 +190,26 @@ def test_inference_runs_the_folded_adapters_with_the_modules_outputs(agd, demo_m
     assert not torch.allclose(predict(m, False), folded, atol=1e-3)
 
 
+def test_the_prompt_keys_kept_between_calls_follow_the_prompt(agd, demo_model):
+    """The prompt tokens' keys/values are kept while the prompt stays the same (checked by value once per call on
+    CPU); a new prompt, or a batch of two prompts, on the same patched model gives what a fresh one gives."""
+    patcher, clip, _vae = demo_model
+    adapter = _randomise(agd.build_adapters(patcher, hidden=32, features=16), std=0.2)
+    neg = encode(clip, "")
+    m = agd.apply_adapters(patcher, adapter, 5.0)
+    red, blue = encode(clip, "a red circle"), encode(clip, "a blue square")
+    first = run(m, red, neg, 1.0, batch=2, steps=3)
+    second = run(m, blue, neg, 1.0, batch=2, steps=3)
+    fresh = run(agd.apply_adapters(patcher, adapter, 5.0), blue, neg, 1.0, batch=2, steps=3)
+    assert torch.equal(second, fresh) and not torch.allclose(first, second)
+    assert torch.equal(run(m, red, neg, 1.0, batch=2, steps=3), first)
+    # two prompts in one batch (the rows of a combined conditioning): each row gets its own prompt's keys
+    both = [[torch.cat([red[0][0], blue[0][0]]), dict(red[0][1])]]
+    mixed = run(m, both, neg, 1.0, batch=2, steps=3)
+    torch.testing.assert_close(mixed[0], first[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], second[1], atol=1e-5, rtol=1e-5)
+
+
 def test_collection_resumes_from_its_shards_and_refuses_other_settings(col, demo_model):
     patcher, clip, _vae = demo_model
     first = _collect(col, patcher, clip, "agd_test_resume", steps=2, trajectories_per_prompt=1)
