@@ -165,7 +165,7 @@ def _patch_unet(m, adapter: AGDAdapter, omega: float, strength: float) -> None:
     folded: dict[str, ak.FoldedAttention] = {}          # inference snapshots, refolded when parameters change
     shared: dict = {}                                   # the time features of the model call being run
     prompt = {"generation": 0, "seen": None, "copy": None}   # the prompt tokens last seen, and a counter of changes
-    prompt_kv: dict[str, tuple] = {}                    # site -> (generation, rows, K,V rows of the prompt tokens)
+    prompt_kv: dict[str, tuple] = {}                    # site -> (generation, folded form, prompt tokens' K,V)
     warned: list = []
 
     def site(extra_options: dict) -> str:

@@ -114,8 +114,8 @@ class FoldedAttention:
     of the prompt tokens = (W_kv·W_prompt)·context + const[position], of ψ(ω) = W_kv·(ψ(ω) + pos_0) + b — so each
     kind costs one matmul instead of two. `omega_kv` is separate so a caller can keep it for a constant ω. On CPU
     the attention is two batched matmuls and a softmax: for these short key sequences (≈ 80) that measured faster
-    than F.scaled_dot_product_attention's CPU kernel; elsewhere SDPA. The folded tensors are snapshots: refold after
-    the adapter's parameters change (`version` says when)."""
+    than F.scaled_dot_product_attention's CPU kernel; elsewhere SDPA. The folded tensors are snapshots: fold again
+    once the adapter's parameters change (`stale()` says when)."""
 
     def __init__(self, adapter: AttentionAdapter, device=None):
         a = adapter
