@@ -126,11 +126,17 @@ def check_model(model, adapter: AGDAdapter, *, node: str = NODE) -> None:
                        "base model the adapter was trained on")
 
 
-def _omega(extra_options: dict, omega: float, rows: int, device) -> torch.Tensor:
+def _row_omega(extra_options: dict, rows: int, device) -> torch.Tensor | None:
+    """The per-row ω a caller put in `transformer_options` (training), or None."""
     w = extra_options.get("guidance_lab", {}).get(OMEGA_KEY)
     if torch.is_tensor(w) and w.numel() == rows:
         return w.reshape(rows).to(device, torch.float32)
-    return torch.full((rows,), float(omega), device=device)
+    return None
+
+
+def _omega(extra_options: dict, omega: float, rows: int, device) -> torch.Tensor:
+    w = _row_omega(extra_options, rows, device)
+    return w if w is not None else torch.full((rows,), float(omega), device=device)
 
 
 def _warn_uncond(extra_options: dict, warned: list) -> None:
@@ -206,8 +212,6 @@ def _patch_unet(m, adapter: AGDAdapter, omega: float, strength: float) -> None:
         _warn_uncond(extra_options, warned)
         h, context = stash.pop(name)
         rows = h.shape[0]
-        per_row = extra_options.get("guidance_lab", {}).get(OMEGA_KEY)
-        per_row = per_row if torch.is_tensor(per_row) and per_row.numel() == rows else None
         if torch.is_grad_enabled():                     # training: the module itself, so gradients reach it
             mod = _on(adapter.modules[name], n.device)
             t_emb = time_features(extra_options, rows, n.device) if mod.time is not None else None
@@ -218,8 +222,8 @@ def _patch_unet(m, adapter: AGDAdapter, omega: float, strength: float) -> None:
             if f is None or f.device != n.device or f.stale():
                 f = folded[name] = ak.FoldedAttention(_on(adapter.modules[name], n.device))
             t_emb = time_features(extra_options, rows, n.device) if f.time is not None else None
-            okv = (f.omega_kv(per_row.reshape(rows).to(n.device, torch.float32)) if per_row is not None
-                   else f.constant_omega_kv(omega, rows))
+            per_row = _row_omega(extra_options, rows, n.device)
+            okv = f.omega_kv(per_row) if per_row is not None else f.constant_omega_kv(omega, rows)
             pkv = None
             if f.prompt is not None:
                 gen, cached = prompt_generation(context), prompt_kv.get(name)
