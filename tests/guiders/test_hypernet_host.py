@@ -193,6 +193,33 @@ def test_training_on_flux_from_a_folder(ht, text_model, tmp_path):
         ht.train_hypernet(model, None, vae)
 
 
+def test_training_on_sd3_from_a_folder_then_personalizing_batch_two(ht, hn, text_model, tmp_path):
+    """SD3 (MMDiT, flow): training reaches the joint blocks' attention and leaves the model clean; the trained
+    file personalizes a batch of two, and zero strength gives the base model."""
+    import comfy.sd
+    model, clip = text_model("sd3")
+    _subject_folder(tmp_path, (20, 28))
+    vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+    before = original_weights(model)
+    with torch.inference_mode():
+        net = ht.train_hypernet(model, clip, vae, source="folder", folder=str(tmp_path), layers="attention", rank=2,
+                                width=32, depth=1, steps=3, subjects_per_step=2, ref_images=2, target_images=2,
+                                resolution=16, seed=0)
+    assert net.family == "SD3" and net.info["subjects"] == 2 and len(net.info["loss_history"]) == 2
+    assert net.targets and all(".joint_blocks." in t.key for t in net.targets)
+    assert all(math.isfinite(v) for row in net.info["loss_history"] for v in row[1:])
+    assert all(torch.equal(v, before[k]) for k, v in original_weights(model).items())
+    pos, neg = encode(clip, "a dog"), encode(clip, "")
+    base = run(model, pos, neg, 3.0, batch=2)
+    zero, _hooks, _lora = hn.personalize(model, _images(2, 32, 32), net, strength=0.0)
+    assert torch.equal(run(zero, pos, neg, 3.0, batch=2), base)
+    m, _hooks, lora = hn.personalize(model, _images(2, 32, 32), net, strength=1.0)
+    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if k.endswith("lora_up.weight"))  # B moved off 0
+    out = run(m, pos, neg, 3.0, batch=2)
+    assert out.shape[0] == 2 and torch.isfinite(out).all() and not torch.equal(out, base)
+    assert all(torch.equal(v, before[k]) for k, v in original_weights(model).items())
+
+
 def test_encoder_pretraining_then_frozen_encoder(ht, demo_model):
     patcher, clip, vae = demo_model
     with torch.inference_mode():
