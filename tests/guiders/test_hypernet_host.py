@@ -174,19 +174,27 @@ def _subject_folder(root, size: tuple[int, int], subjects: int = 2, images: int 
             Image.fromarray(arr).save(sub / f"{i}.png")
 
 
-def test_training_on_flux_from_a_folder(ht, text_model, tmp_path):
+def _train_from_folder(ht, model, clip, folder, size: tuple[int, int]):
+    """Three training steps on a folder of two random subjects; checks the shared weights were left as they were.
+    Returns (the trained hypernetwork, the pixel-space VAE used)."""
     import comfy.sd
-    model, clip = text_model("flux")
-    _subject_folder(tmp_path, (24, 24))
+    _subject_folder(folder, size)
     vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
     before = original_weights(model)
     with torch.inference_mode():
-        net = ht.train_hypernet(model, clip, vae, source="folder", folder=str(tmp_path), layers="attention", rank=2,
+        net = ht.train_hypernet(model, clip, vae, source="folder", folder=str(folder), layers="attention", rank=2,
                                 width=32, depth=1, steps=3, subjects_per_step=2, ref_images=2, target_images=2,
                                 resolution=16, seed=0)
-    assert net.family == "Flux" and net.info["subjects"] == 2 and len(net.info["loss_history"]) == 2
+    assert net.info["subjects"] == 2 and len(net.info["loss_history"]) == 2
     assert all(math.isfinite(v) for row in net.info["loss_history"] for v in row[1:])
     assert all(torch.equal(v, before[k]) for k, v in original_weights(model).items())
+    return net, vae
+
+
+def test_training_on_flux_from_a_folder(ht, text_model, tmp_path):
+    model, clip = text_model("flux")
+    net, vae = _train_from_folder(ht, model, clip, tmp_path, (24, 24))
+    assert net.family == "Flux"
     with pytest.raises(Exception, match=r"GL_HypernetworkTrain: folder .* is not a directory"):
         ht.train_hypernet(model, clip, vae, source="folder", folder=str(tmp_path / "nope"))
     with pytest.raises(Exception, match="connect the model's CLIP"):
@@ -196,19 +204,10 @@ def test_training_on_flux_from_a_folder(ht, text_model, tmp_path):
 def test_training_on_sd3_from_a_folder_then_personalizing_batch_two(ht, hn, text_model, tmp_path):
     """SD3 (MMDiT, flow): training reaches the joint blocks' attention and leaves the model clean; the trained
     file personalizes a batch of two, and zero strength gives the base model."""
-    import comfy.sd
     model, clip = text_model("sd3")
-    _subject_folder(tmp_path, (20, 28))
-    vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
     before = original_weights(model)
-    with torch.inference_mode():
-        net = ht.train_hypernet(model, clip, vae, source="folder", folder=str(tmp_path), layers="attention", rank=2,
-                                width=32, depth=1, steps=3, subjects_per_step=2, ref_images=2, target_images=2,
-                                resolution=16, seed=0)
-    assert net.family == "SD3" and net.info["subjects"] == 2 and len(net.info["loss_history"]) == 2
-    assert net.targets and all(".joint_blocks." in t.key for t in net.targets)
-    assert all(math.isfinite(v) for row in net.info["loss_history"] for v in row[1:])
-    assert all(torch.equal(v, before[k]) for k, v in original_weights(model).items())
+    net, _vae = _train_from_folder(ht, model, clip, tmp_path, (20, 28))
+    assert net.family == "SD3" and net.targets and all(".joint_blocks." in t.key for t in net.targets)
     pos, neg = encode(clip, "a dog"), encode(clip, "")
     base = run(model, pos, neg, 3.0, batch=2)
     zero, _hooks, _lora = hn.personalize(model, _images(2, 32, 32), net, strength=0.0)
