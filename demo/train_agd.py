@@ -36,6 +36,22 @@ def log(message: str) -> None:
     sys.stdout.flush()
 
 
+def recorded_args(argv: list[str]) -> list[str]:
+    """The arguments as the file's metadata records them: without --out and --output-dir, which say where the file
+    and the collection go, not what is trained, and with paths inside the repository made relative to it (so no
+    local paths end up in a shipped file)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--out", "--output-dir"):
+            skip = True
+        elif not a.startswith(("--out=", "--output-dir=")):
+            path = Path(a).resolve() if not a.startswith("-") and Path(a).exists() else None
+            kept.append(str(path.relative_to(REPO)) if path is not None and path.is_relative_to(REPO) else a)
+    return kept
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -106,8 +122,8 @@ def main(argv=None) -> dict:
     adapter.info.update({"collect_seconds": round(collect_s, 1), "prompts": args.prompts,
                          "images_per_trajectory": args.images, "caption_seed": args.caption_seed,
                          "threads": args.threads, "machine": platform.processor() or platform.machine(),
-                         "torch": torch.__version__, "command": "python demo/train_agd.py " + " ".join(argv or
-                                                                                               sys.argv[1:])})
+                         "torch": torch.__version__,
+                         "command": " ".join(["python demo/train_agd.py", *recorded_args(argv or sys.argv[1:])])})
     path = ag.save(adapter, args.out)
     base = sum(v.numel() for k, v in model.model_state_dict().items() if k.startswith("diffusion_model."))
     log(f"wrote {path}: {adapter.parameters()} parameters ({100 * adapter.parameters() / base:.2f} % of the "

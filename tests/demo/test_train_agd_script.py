@@ -37,4 +37,7 @@ def test_resume_two_relative_steps_writes_a_loadable_file(tmp_path, host):
     assert [row[0] for row in history] == [0, 1, 2] and all(len(row) == 3 and row[2] > 0 for row in history)
     sd_s, sd_t = shipped.modules.state_dict(), trained.modules.state_dict()
     assert any(not (sd_t[k] == sd_s[k]).all() for k in sd_s), "two training steps changed no weight"
+    assert trained.info["command"] == ("python demo/train_agd.py --prompts 2 --images 1 --sample-steps 2 --steps 2 "
+                                       "--batch 4 --threads 1 --objective relative --resume "
+                                       "demo/weights/demo_agd.safetensors --train-seed 3")   # no local paths
     json.dumps(trained.info)                      # the metadata stays JSON
