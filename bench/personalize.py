@@ -16,7 +16,9 @@ Columns: prompt adherence (colour and shape of the prompt, read by bench/subject
 CNN trained on patterned and flat objects), the world evaluator's attribute accuracy (bench/evaluator.py, trained
 on flat objects only: it misreads the shape of patterned objects, see the ground-truth row), subject pattern
 accuracy (the sample's pattern class equals the subject's) and subject similarity (cosine between the sample's
-subject-evaluator features and the mean features of 16 ground-truth images of the subject), the share read as flat
+subject-evaluator features and the mean features of 16 ground-truth images of the subject), the same similarity to
+the other held-out subjects and the share of samples nearest their own subject (whether samples show *their*
+subject or one look for all), the share read as flat
 (no pattern), model rows per step (UNet batch rows per image and step, counted by GLBench_CountNFE),
 seconds per image (wall time of the graph runs, sampling included). Writes section `personalization` of --out and
 bench/results/personalization.json.
@@ -190,6 +192,10 @@ def main(argv=None) -> int:
         pred = sev.predict(images)
         feats = F.normalize(pred["features"], dim=1)
         sim = (feats * torch.stack([ref_feats[int(s)] for s in subj_idx])).sum(1)
+        all_refs = torch.stack([ref_feats[s] for s in range(args.subjects)])          # [S, d]
+        to_all = feats @ all_refs.T                                                    # [N, S]
+        own = F.one_hot(subj_idx, args.subjects).bool()
+        other = (to_all.masked_fill(own, 0.0).sum(1) / max(args.subjects - 1, 1)) if args.subjects > 1 else sim
         want = torch.tensor([patterns[int(s)] for s in subj_idx])
         row = {"row": key, "images": len(images),
                "prompt_adherence": float(((pred["shape"] == want_shape) & (pred["color"] == want_color))
@@ -197,7 +203,9 @@ def main(argv=None) -> int:
                "attribute_accuracy": float(metrics.attribute_accuracy(images, prompts_all, ev)["attribute"]),
                "pattern_accuracy": float((pred["pattern"] == want).float().mean()),
                "flat_share": float((pred["pattern"] == 0).float().mean()),
-               "subject_similarity": float(sim.mean())}
+               "subject_similarity": float(sim.mean()),
+               "other_similarity": float(other.mean()),
+               "own_subject_nearest": float((to_all.argmax(1) == subj_idx).float().mean())}
         if "seconds" in r:
             row["seconds_per_image"] = r["seconds"] / len(images)
             row["rows_per_step"] = r["unet_rows"] / (len(images) * STEPS)
@@ -231,17 +239,23 @@ def render(table: list[dict], info: dict, args, captions: list[str]) -> str:
         f"{args.images_per_prompt} images; cfg {CFG:g}, euler, 20 steps, empty negative; same seeds in every row.",
         "",
         "| row | prompt adherence | attribute accuracy (world evaluator) | subject pattern accuracy | flat (no "
-        "pattern) | subject similarity | model rows / step | s / image |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "pattern) | subject similarity | similarity to the other subjects | own subject nearest | model rows / step "
+        "| s / image |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in table:
         rows = f"{r['rows_per_step']:.2f}" if "rows_per_step" in r else "–"
         secs = f"{r['seconds_per_image']:.3f}" if "seconds_per_image" in r else "–"
         lines.append(f"| {r['row']} | {100 * r['prompt_adherence']:.1f} % | {100 * r['attribute_accuracy']:.1f} % | "
                      f"{100 * r['pattern_accuracy']:.1f} % | "
-                     f"{100 * r['flat_share']:.1f} % | {r['subject_similarity']:.3f} | {rows} | {secs} |")
+                     f"{100 * r['flat_share']:.1f} % | {r['subject_similarity']:.3f} | {r['other_similarity']:.3f} | "
+                     f"{100 * r['own_subject_nearest']:.1f} % | {rows} | {secs} |")
     lines += ["", "Prompt adherence, subject pattern accuracy and similarity come from bench/subject_evaluator.py "
-              "(evaluation only); attribute accuracy from bench/evaluator.py (trained on flat objects, it misreads "
+              "(evaluation only); *similarity to the other subjects* is the same cosine to the mean features of each other "
+              "held-out subject, averaged (a row that draws every subject the same way scores as high there as in "
+              "the own-subject column); *own subject nearest* = the share of samples whose features are closest to "
+              f"their own subject's among the {args.subjects} (chance {100 / max(args.subjects, 1):.1f} %). "
+              "Attribute accuracy from bench/evaluator.py (trained on flat objects, it misreads "
               "patterned shapes: see its ground-truth figure). The ground-truth row is the evaluators' ceiling. "
               "Model rows per step: UNet batch rows per image and step, counted by the bench node "
               "GLBench_CountNFE (a DIFFUSION_MODEL wrapper on the loaded model, which the personalized clone and the "
