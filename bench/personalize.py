@@ -251,9 +251,9 @@ def render(table: list[dict], info: dict, args, captions: list[str]) -> str:
                      f"{100 * r['flat_share']:.1f} % | {r['subject_similarity']:.3f} | {r['other_similarity']:.3f} | "
                      f"{100 * r['own_subject_nearest']:.1f} % | {rows} | {secs} |")
     lines += ["", "Prompt adherence, subject pattern accuracy and similarity come from bench/subject_evaluator.py "
-              "(evaluation only); *similarity to the other subjects* is the same cosine to the mean features of each other "
-              "held-out subject, averaged (a row that draws every subject the same way scores as high there as in "
-              "the own-subject column); *own subject nearest* = the share of samples whose features are closest to "
+              "(evaluation only); *similarity to the other subjects* is the same cosine to the mean features of each "
+              "other held-out subject, averaged (a row that draws every subject the same way scores as high there as "
+              "in the own-subject column); *own subject nearest* = the share of samples whose features are closest to "
               f"their own subject's among the {args.subjects} (chance {100 / max(args.subjects, 1):.1f} %). "
               "Attribute accuracy from bench/evaluator.py (trained on flat objects, it misreads "
               "patterned shapes: see its ground-truth figure). The ground-truth row is the evaluators' ceiling. "
