@@ -24,9 +24,11 @@ theirs are encoded per draw (no_grad; the demo model is small). Contrastive enco
 encoder only: encoder_pretrain_steps > 0 with a CLIP vision model is refused (the CLIP vision model is the
 pretrained encoder). freeze_encoder then freezes the trainable projection.
 
-The loss history is measured on a fixed probe draw (same subjects, images, noise and σ each time), so its rows
-compare; checkpoints are written every `checkpoint_every` steps; progress bar; interruptible (the shared model is
-left clean).
+The loss history is measured on four fixed probe draws (same subjects, images, noise and σ each time), so its rows
+compare: [step, probe loss, output penalty, probe loss with swapped references] — the last gives each draw's
+targets the ΔW of the next draw's references; it exceeds the probe loss only when the hypernetwork reads its
+references (a network that learned one update for all subjects scores the same on both). Checkpoints are
+written every `checkpoint_every` steps; progress bar; interruptible (the shared model is left clean).
 """
 from __future__ import annotations
 
@@ -247,7 +249,8 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
             step_fn = _Stepper(t, module, slots, data, conds, vae, model, kind, ms, device,
                                n_ref=ref_images, n_tgt=target_images, img_size=img_size, gamma=min_snr_gamma,
                                copy_saved=fam != "UNet")
-            probe = [step_fn.sample(torch.Generator().manual_seed(seed + 7919)) for _ in range(4)]
+            probe_gen = torch.Generator().manual_seed(seed + 7919)
+            probe = [step_fn.sample(probe_gen) for _ in range(4)]          # four draws (subjects), fixed per seed
             history = [[0, *step_fn.probe(probe)]]
             opt = torch.optim.AdamW([q for q in module.parameters() if q.requires_grad], lr=learning_rate,
                                     weight_decay=0.0)
@@ -264,7 +267,8 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
                 if (step + 1) % 25 == 0 or step == steps - 1:
                     history.append([step + 1, *step_fn.probe(probe)])
                     if log:
-                        log(f"step {step + 1}: probe loss {history[-1][1]:.5f}, penalty {history[-1][2]:.3g}")
+                        log(f"step {step + 1}: probe loss {history[-1][1]:.5f} (with another subject's references "
+                            f"{history[-1][3]:.5f}), penalty {history[-1][2]:.3g}")
                 if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                     _checkpoint(module, fam, layers, checkpoint_prefix, step + 1)
                 pbar.update(1)
@@ -394,11 +398,17 @@ class _Stepper:
         return loss, hk.output_penalty(factors)
 
     def probe(self, draws: list[dict]) -> list[float]:
+        """[loss, penalty, loss with swapped references]: the last denoises each draw's targets with the ΔW predicted
+        from the next draw's references (another subject, as a rule). It stays above the loss only while the
+        hypernetwork reads its references; equal values mean one update for every subject."""
         with torch.no_grad():
             out = [self.loss(d) for d in draws]
+            swapped = [self.loss({**d, "refs": draws[(i + 1) % len(draws)]["refs"]})[0] for i, d in enumerate(draws)]
         for slot in self.slots.values():
             slot.delta = None
-        return [round(sum(float(x[0]) for x in out) / len(out), 6), round(sum(float(x[1]) for x in out) / len(out), 9)]
+        n = len(out)
+        return [round(sum(float(x[0]) for x in out) / n, 6), round(sum(float(x[1]) for x in out) / n, 9),
+                round(sum(float(x) for x in swapped) / n, 6)]
 
 
 def save_trained(net: hn_mod.Hypernet, filename_prefix: str, *, output: bool = False) -> Path:

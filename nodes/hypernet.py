@@ -199,6 +199,9 @@ class HypernetworkTrain(io.ComfyNode):
             clip_vision=clip_vision)
         history = net.info["loss_history"]
         text = f"probe loss {history[0][1]:.5f} → {history[-1][1]:.5f} in {net.info['seconds']} s"
+        if len(history[-1]) > 3:
+            text += (f" (with another subject's references {history[-1][3]:.5f}: higher when the network reads its "
+                     "references)")
         if filename_prefix.strip():
             path = ht.save_trained(net, filename_prefix, output=save_to == "output")
             text += f"; saved {path.name}"

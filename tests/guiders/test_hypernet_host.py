@@ -144,6 +144,8 @@ def test_training_lowers_the_probe_loss_and_leaves_the_model_clean(trained, demo
     patcher, _clip, _vae = demo_model
     hist = net.info["loss_history"]
     assert [row[0] for row in hist] == [0, 25, 50] and hist[0][2] == 0.0          # ΔW = 0 before training
+    assert all(len(row) == 4 for row in hist) and hist[0][3] == hist[0][1]     # ΔW = 0: the references can't matter
+    assert hist[-1][3] != hist[-1][1]                  # trained: another subject's references give another loss
     assert all(math.isfinite(v) for row in hist for v in row[1:])
     assert hist[-1][1] < hist[0][1], hist
     assert all(torch.equal(v, before[k]) for k, v in original_weights(patcher).items())
