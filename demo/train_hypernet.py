@@ -60,6 +60,10 @@ def parse(argv=None):
     p.add_argument("--train-encoder", action="store_true",
                    help="train the encoder end to end too (default: frozen after pretraining)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference-contrast", type=float, default=0.0,
+                   help="λ of the reference-contrast term (experimental; 0 = off, as the shipped file was trained)")
+    p.add_argument("--contrast-margin", type=float, default=0.1,
+                   help="how much higher (share) the loss with another subject's references must be")
     return p.parse_args(argv)
 
 
@@ -80,7 +84,7 @@ def main(argv=None) -> dict:
                   learning_rate=args.learning_rate, subjects_per_step=args.subjects_per_step,
                   ref_images=args.ref_images, target_images=args.target_images, resolution=32,
                   output_reg=args.output_reg, min_snr_gamma=5.0, freeze_encoder=not args.train_encoder,
-                  seed=args.seed)
+                  seed=args.seed, reference_contrast=args.reference_contrast, contrast_margin=args.contrast_margin)
     t0 = time.perf_counter()
     steps = args.steps
     if args.seconds > 0:           # two short runs: their difference is the time of the extra steps alone

@@ -194,9 +194,14 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
                    min_snr_gamma: float = 5.0, warmup: int = 50, encoder_pretrain_steps: int = 0,
                    freeze_encoder: bool = False, seed: int = 0,
                    checkpoint_every: int = 0, checkpoint_prefix: str = "hypernet/train",
-                   resume: hn_mod.Hypernet | None = None, clip_vision=None, log=None) -> hn_mod.Hypernet:
+                   resume: hn_mod.Hypernet | None = None, clip_vision=None, reference_contrast: float = 0.0,
+                   contrast_margin: float = 0.1, log=None) -> hn_mod.Hypernet:
     """Train (or continue training `resume`) a hypernetwork for `model`; returns it (CPU, eval). `clip_vision`: a
-    new hypernetwork reads its features (encoder clip_vision); required to resume one that does."""
+    new hypernetwork reads its features (encoder clip_vision); required to resume one that does.
+    `reference_contrast` λ > 0 (DESIGN, experimental): per subject, also denoise its targets with the ΔW of another
+    drawn subject's references and add λ·max(0, m·L_own − (L_swapped − L_own)) (m = `contrast_margin`, L_own
+    detached inside m·L_own): the loss with the wrong references must exceed the own one by the share m, which an
+    update that ignores the references cannot do. Costs one more forward and backward per subject."""
     t0 = time.perf_counter()
     if clip is None or vae is None:
         raise hn_mod.HypernetError(f"{NODE}: connect the model's CLIP (captions) and VAE (encodes the subject "
@@ -259,8 +264,15 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
             for step in range(steps):
                 opt.zero_grad(set_to_none=True)
                 for _ in range(subjects_per_step):
-                    loss, pen = step_fn.loss(step_fn.sample(gen))
-                    ((loss + output_reg * pen) / subjects_per_step).backward()
+                    draw = step_fn.sample(gen)
+                    loss, pen = step_fn.loss(draw)
+                    total = loss + output_reg * pen
+                    if reference_contrast > 0:
+                        other = step_fn.sample(gen)["refs"]
+                        swapped, _pen = step_fn.loss({**draw, "refs": other})
+                        total = total + reference_contrast * torch.relu(
+                            contrast_margin * loss.detach() - (swapped - loss))
+                    (total / subjects_per_step).backward()
                 torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
                 opt.step()
                 sched.step()
@@ -286,6 +298,8 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
             "encoder": module.config["encoder"],
             "encoder_pretrain_steps": encoder_pretrain_steps, "freeze_encoder": freeze_encoder,
             "encoder_pretrain_loss": pre[-1][1] if pre else None,
+            **({"reference_contrast": reference_contrast, "contrast_margin": contrast_margin}
+               if reference_contrast > 0 else {}),
             "loss_history": history, "base": type(model.model).__name__,
             "seconds": round(time.perf_counter() - t0, 1)}
     logging.info("%s: %d steps in %.1f s; probe loss %.5f -> %.5f", NODE, steps, info["seconds"], history[0][1],

@@ -153,6 +153,21 @@ def test_training_lowers_the_probe_loss_and_leaves_the_model_clean(trained, demo
     assert all(not p.requires_grad for p in net.module.parameters())
 
 
+def test_reference_contrast_changes_the_update_and_is_recorded(ht, demo_model):
+    """λ > 0 adds the swapped-reference hinge: one step from the same seed and draw gives other weights (the other
+    subject is drawn after the step's own draw, so only the hinge can differ); the setting is in the metadata."""
+    patcher, clip, vae = demo_model
+    kw = dict(steps=1, rank=2, width=32, depth=1, subjects_per_step=1, ref_images=1, target_images=2, seed=6)
+    with torch.inference_mode():
+        plain = ht.train_hypernet(patcher, clip, vae, **kw)
+        contrast = ht.train_hypernet(patcher, clip, vae, reference_contrast=1.0, contrast_margin=0.2, **kw)
+    assert "reference_contrast" not in plain.info
+    assert contrast.info["reference_contrast"] == 1.0 and contrast.info["contrast_margin"] == 0.2
+    assert all(math.isfinite(v) for row in contrast.info["loss_history"] for v in row[1:])
+    sd_p, sd_c = plain.module.state_dict(), contrast.module.state_dict()
+    assert any(not torch.equal(sd_p[k], sd_c[k]) for k in sd_p)
+
+
 def test_resume_continues_and_counts_steps(ht, trained, demo_model):
     net, _before = trained
     patcher, clip, vae = demo_model
