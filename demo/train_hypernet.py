@@ -21,22 +21,12 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "tests") not in sys.path:             # tests/host.py boots the host as the tests do
-    sys.path.insert(0, str(REPO / "tests"))
-if str(REPO) not in sys.path:                       # appended: ComfyUI's top-level `nodes` must win over ours
-    sys.path.append(str(REPO))
+from _script import REPO, log, recorded_args  # demo/ is first on sys.path when this runs as a script
 
 DEFAULT_OUT = REPO / "demo" / "weights" / "demo_hypernet.safetensors"
 LAYERS = "attention + feed-forward + convolutions (UNet)"
 CALIBRATION_STEPS = (10, 40)
-
-
-def log(message: str) -> None:
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
 
 
 def parse(argv=None):
@@ -102,7 +92,8 @@ def main(argv=None) -> dict:
                                log=log)
     seconds = time.perf_counter() - t0
     result.info.update({
-        "command": " ".join(["python demo/train_hypernet.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python demo/train_hypernet.py",
+                             *recorded_args(sys.argv[1:] if argv is None else argv)]),
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
         "threads": args.threads, "torch": torch.__version__, "wall_seconds": round(seconds, 1)})
     if earlier:
