@@ -209,6 +209,9 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
     if source not in SOURCES:
         raise hn_mod.HypernetError(f"{NODE}: source {source!r}: choose one of {', '.join(SOURCES)}")
     _check(steps, learning_rate, subjects_per_step, ref_images, target_images, output_reg, resolution)
+    if not (reference_contrast >= 0 and contrast_margin >= 0):
+        raise hn_mod.HypernetError(f"{NODE}: reference_contrast ({reference_contrast}) and contrast_margin "
+                                   f"({contrast_margin}) must be >= 0 (0 = no contrast term)")
     fam = hn_mod.family(model)
     if resume is not None:
         hn_mod.check_model(model, resume, node=NODE)

@@ -166,6 +166,8 @@ def test_reference_contrast_changes_the_update_and_is_recorded(ht, demo_model):
     assert all(math.isfinite(v) for row in contrast.info["loss_history"] for v in row[1:])
     sd_p, sd_c = plain.module.state_dict(), contrast.module.state_dict()
     assert any(not torch.equal(sd_p[k], sd_c[k]) for k in sd_p)
+    with pytest.raises(ht.hn_mod.HypernetError, match=r"GL_HypernetworkTrain: reference_contrast \(-1.0\)"):
+        ht.train_hypernet(patcher, clip, vae, reference_contrast=-1.0, **kw)
 
 
 def test_resume_continues_and_counts_steps(ht, trained, demo_model):
