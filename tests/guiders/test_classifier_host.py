@@ -40,14 +40,6 @@ def _save_small_cnn(path, *, size=(16, 16), labels=LABELS, seed=0, extra=None):
     return net.eval()
 
 
-@pytest.fixture(scope="module")
-def classifier(cl, tmp_path_factory):
-    path = tmp_path_factory.mktemp("clf") / "tiny.safetensors"
-    _save_small_cnn(path)
-    with torch.inference_mode():                   # as a node executes
-        return cl.load_classifier(path)
-
-
 def test_loader_round_trip_and_tensors_usable_by_autograd(cl, tmp_path):
     path = tmp_path / "c.safetensors"
     net = _save_small_cnn(path)

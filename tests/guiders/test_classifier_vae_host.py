@@ -7,8 +7,6 @@ import torch
 
 from hostutil import run
 
-from test_classifier_host import _save_small_cnn  # noqa: E402  (same tiny classifier file format)
-
 
 @pytest.fixture(scope="module")
 def cg(host):
@@ -18,14 +16,6 @@ def cg(host):
 @pytest.fixture(scope="module")
 def tm(host):
     return host.pack("guiders.tiny_models")
-
-
-@pytest.fixture(scope="module")
-def classifier(host, tmp_path_factory):
-    path = tmp_path_factory.mktemp("clf_vae") / "tiny.safetensors"
-    _save_small_cnn(path)
-    with torch.inference_mode():
-        return host.pack("guiders.classifier").load_classifier(path)
 
 
 def _vae(tm, kind, channels, seed=0):

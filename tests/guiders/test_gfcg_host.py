@@ -4,20 +4,10 @@ import torch
 
 from hostutil import count_rows, run
 
-from test_classifier_host import _save_small_cnn  # noqa: E402  (same tiny classifier file format)
-
 
 @pytest.fixture(scope="module")
 def gfcg(host):
     return host.pack("guiders.gfcg")
-
-
-@pytest.fixture(scope="module")
-def classifier(host, tmp_path_factory):
-    path = tmp_path_factory.mktemp("gfcg") / "tiny.safetensors"
-    _save_small_cnn(path)
-    with torch.inference_mode():
-        return host.pack("guiders.classifier").load_classifier(path)
 
 
 def _guider(gfcg, classifier, m, cond, arch, *, s_max, target="red circle, green star", cfg=4.0, **kw):
