@@ -30,6 +30,6 @@ def recorded_args(argv: list[str]) -> list[str]:
         elif a in ("--out", "--output-dir"):
             skip = True
         elif not a.startswith(("--out=", "--output-dir=")):
-            path = Path(a).resolve() if not a.startswith("-") and Path(a).exists() else None
+            path = Path(a).resolve() if a and not a.startswith("-") and Path(a).exists() else None
             kept.append(str(path.relative_to(REPO)) if path is not None and path.is_relative_to(REPO) else a)
     return kept

@@ -271,8 +271,7 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
                     loss, pen = step_fn.loss(draw)
                     total = loss + output_reg * pen
                     if reference_contrast > 0:
-                        other = step_fn.sample(gen)["refs"]
-                        swapped, _pen = step_fn.loss({**draw, "refs": other})
+                        swapped, _pen = step_fn.loss({**draw, "refs": step_fn.references(gen)})
                         total = total + reference_contrast * torch.relu(
                             contrast_margin * loss.detach() - (swapped - loss))
                     (total / subjects_per_step).backward()
@@ -395,9 +394,16 @@ class _Stepper:
         u = torch.rand(len(caps), generator=gen) * 0.98 + 0.01
         sigma = torch.tensor([float(self.ms.percent_to_sigma(float(v))) for v in u])
         noise = torch.randn(x0.shape, generator=gen)
-        if not self.module.reads_features:          # features arrive ready from the data (clip_vision encoder)
-            refs = hk.resize_images(refs, self.img_size)
-        return {"refs": refs, "x0": x0, "sigma": sigma, "noise": noise, "caps": caps}
+        return {"refs": self._inputs(refs), "x0": x0, "sigma": sigma, "noise": noise, "caps": caps}
+
+    def references(self, gen: torch.Generator) -> torch.Tensor:
+        """The reference inputs of one more drawn subject, without encoding its targets or drawing noise."""
+        return self._inputs(self.data.draw(gen, self.n_ref, self.n_tgt)[0])
+
+    def _inputs(self, refs: torch.Tensor) -> torch.Tensor:
+        if self.module.reads_features:              # features arrive ready from the data (clip_vision encoder)
+            return refs
+        return hk.resize_images(refs, self.img_size)
 
     def loss(self, draw: dict) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.device
