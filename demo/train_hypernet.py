@@ -54,6 +54,9 @@ def parse(argv=None):
                    help="λ of the reference-contrast term (experimental; 0 = off, as the shipped file was trained)")
     p.add_argument("--contrast-margin", type=float, default=0.1,
                    help="how much higher (share) the loss with another subject's references must be")
+    p.add_argument("--x0-loss", action="store_true",
+                   help="weigh the x0 error alike at every noise level (experimental; default: the native "
+                        "Min-SNR-capped loss the shipped file was trained with)")
     return p.parse_args(argv)
 
 
@@ -74,7 +77,8 @@ def main(argv=None) -> dict:
                   learning_rate=args.learning_rate, subjects_per_step=args.subjects_per_step,
                   ref_images=args.ref_images, target_images=args.target_images, resolution=32,
                   output_reg=args.output_reg, min_snr_gamma=5.0, freeze_encoder=not args.train_encoder,
-                  seed=args.seed, reference_contrast=args.reference_contrast, contrast_margin=args.contrast_margin)
+                  seed=args.seed, reference_contrast=args.reference_contrast, contrast_margin=args.contrast_margin,
+                  loss_space="x0" if args.x0_loss else "native")
     t0 = time.perf_counter()
     steps = args.steps
     if args.seconds > 0:           # two short runs: their difference is the time of the extra steps alone

@@ -49,6 +49,7 @@ from .family import family_name
 
 NODE = "GL_HypernetworkTrain"
 SOURCES = ("demo subjects", "folder")
+LOSS_SPACES = ("native", "x0")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _KIND = {"eps": "eps", "v_prediction": "v", "flow": "flow"}
 
@@ -195,13 +196,16 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
                    freeze_encoder: bool = False, seed: int = 0,
                    checkpoint_every: int = 0, checkpoint_prefix: str = "hypernet/train",
                    resume: hn_mod.Hypernet | None = None, clip_vision=None, reference_contrast: float = 0.0,
-                   contrast_margin: float = 0.1, log=None) -> hn_mod.Hypernet:
+                   contrast_margin: float = 0.1, loss_space: str = "native", log=None) -> hn_mod.Hypernet:
     """Train (or continue training `resume`) a hypernetwork for `model`; returns it (CPU, eval). `clip_vision`: a
     new hypernetwork reads its features (encoder clip_vision); required to resume one that does.
     `reference_contrast` λ > 0 (DESIGN, experimental): per subject, also denoise its targets with the ΔW of another
     drawn subject's references and add λ·max(0, m·L_own − (L_swapped − L_own)) (m = `contrast_margin`, L_own
     detached inside m·L_own): the loss with the wrong references must exceed the own one by the share m, which an
-    update that ignores the references cannot do. Costs one more forward and backward per subject."""
+    update that ignores the references cannot do. Costs one more forward and backward per subject.
+    `loss_space` "x0" (DESIGN, experimental): weigh ‖D − x0‖² alike at every noise level instead of the family's
+    native weight (Min-SNR-capped ε/velocity loss, which scales the x0 error by ~1/σ² and so all but ignores the
+    noisy steps, where only the references can tell the subject's look)."""
     t0 = time.perf_counter()
     if clip is None or vae is None:
         raise hn_mod.HypernetError(f"{NODE}: connect the model's CLIP (captions) and VAE (encodes the subject "
@@ -209,6 +213,8 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
     if source not in SOURCES:
         raise hn_mod.HypernetError(f"{NODE}: source {source!r}: choose one of {', '.join(SOURCES)}")
     _check(steps, learning_rate, subjects_per_step, ref_images, target_images, output_reg, resolution)
+    if loss_space not in LOSS_SPACES:
+        raise hn_mod.HypernetError(f"{NODE}: loss_space {loss_space!r}: choose one of {', '.join(LOSS_SPACES)}")
     if not (reference_contrast >= 0 and contrast_margin >= 0):
         raise hn_mod.HypernetError(f"{NODE}: reference_contrast ({reference_contrast}) and contrast_margin "
                                    f"({contrast_margin}) must be >= 0 (0 = no contrast term)")
@@ -256,7 +262,7 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
             module.to(device)
             step_fn = _Stepper(t, module, slots, data, conds, vae, model, kind, ms, device,
                                n_ref=ref_images, n_tgt=target_images, img_size=img_size, gamma=min_snr_gamma,
-                               copy_saved=fam != "UNet")
+                               copy_saved=fam != "UNet", loss_space=loss_space)
             probe_gen = torch.Generator().manual_seed(seed + 7919)
             probe = [step_fn.sample(probe_gen) for _ in range(4)]          # four draws (subjects), fixed per seed
             history = [[0, *step_fn.probe(probe)]]
@@ -302,6 +308,7 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
             "encoder_pretrain_loss": pre[-1][1] if pre else None,
             **({"reference_contrast": reference_contrast, "contrast_margin": contrast_margin}
                if reference_contrast > 0 else {}),
+            **({"loss_space": loss_space} if loss_space != "native" else {}),
             "loss_history": history, "base": type(model.model).__name__,
             "seconds": round(time.perf_counter() - t0, 1)}
     logging.info("%s: %d steps in %.1f s; probe loss %.5f -> %.5f", NODE, steps, info["seconds"], history[0][1],
@@ -382,10 +389,11 @@ class _Stepper:
     """One subject's loss: predict ΔW from its references, denoise its targets with ΔW in the wrappers."""
 
     def __init__(self, patcher, module, slots, data, conds, vae, base, kind, ms, device, *, n_ref, n_tgt, img_size,
-                 gamma, copy_saved):
+                 gamma, copy_saved, loss_space="native"):
         self.p, self.module, self.slots, self.data, self.conds = patcher, module, slots, data, conds
         self.vae, self.base, self.kind, self.ms, self.device = vae, base, kind, ms, device
         self.n_ref, self.n_tgt, self.img_size, self.gamma, self.copy_saved = n_ref, n_tgt, img_size, gamma, copy_saved
+        self.loss_space = loss_space
 
     def sample(self, gen: torch.Generator) -> dict:
         refs, tgts, caps, x0 = self.data.draw(gen, self.n_ref, self.n_tgt)
@@ -416,8 +424,11 @@ class _Stepper:
         with tr.saved_copies(self.copy_saved):
             d = self.p.model.apply_model(x, sigma, **cond).float()
         err = (d - x0.float()).square().flatten(1).mean(1)
-        sd = float(getattr(self.ms, "sigma_data", 1.0))
-        loss = (hk.denoising_weight(sigma, self.kind, sd, self.gamma) * err).mean()
+        if self.loss_space == "x0":
+            loss = err.mean()
+        else:
+            sd = float(getattr(self.ms, "sigma_data", 1.0))
+            loss = (hk.denoising_weight(sigma, self.kind, sd, self.gamma) * err).mean()
         return loss, hk.output_penalty(factors)
 
     def probe(self, draws: list[dict]) -> list[float]:

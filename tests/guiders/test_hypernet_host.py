@@ -170,6 +170,24 @@ def test_reference_contrast_changes_the_update_and_is_recorded(ht, demo_model):
         ht.train_hypernet(patcher, clip, vae, reference_contrast=-1.0, **kw)
 
 
+def test_x0_loss_space_changes_the_loss_and_is_recorded(ht, demo_model):
+    """loss_space "x0" weighs ‖D − x0‖² alike at every σ: the probe loss of an untrained ΔW (= 0, the base model) is
+    then another number than the native Min-SNR-weighted one, the update differs, the setting is recorded; an unknown
+    space is refused by name."""
+    patcher, clip, vae = demo_model
+    kw = dict(steps=1, rank=2, width=32, depth=1, subjects_per_step=1, ref_images=1, target_images=2, seed=6)
+    with torch.inference_mode():
+        native = ht.train_hypernet(patcher, clip, vae, **kw)
+        x0 = ht.train_hypernet(patcher, clip, vae, loss_space="x0", **kw)
+    assert "loss_space" not in native.info and x0.info["loss_space"] == "x0"
+    h_n, h_x = native.info["loss_history"][0], x0.info["loss_history"][0]
+    assert h_n[2] == h_x[2] == 0.0 and h_n[1] != h_x[1]      # same draws, ΔW = 0: only the weighting differs
+    sd_n, sd_x = native.module.state_dict(), x0.module.state_dict()
+    assert any(not torch.equal(sd_n[k], sd_x[k]) for k in sd_n)
+    with pytest.raises(ht.hn_mod.HypernetError, match=r"GL_HypernetworkTrain: loss_space 'eps'.*native, x0"):
+        ht.train_hypernet(patcher, clip, vae, loss_space="eps", **kw)
+
+
 def test_resume_continues_and_counts_steps(ht, trained, demo_model):
     net, _before = trained
     patcher, clip, vae = demo_model
