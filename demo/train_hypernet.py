@@ -57,6 +57,9 @@ def parse(argv=None):
     p.add_argument("--x0-loss", action="store_true",
                    help="weigh the x0 error alike at every noise level (experimental; default: the native "
                         "Min-SNR-capped loss the shipped file was trained with)")
+    p.add_argument("--subject-query", action="store_true",
+                   help="add the pooled subject embedding to every query of the decoder (experimental; added "
+                        "zero-initialised when resuming a network without it)")
     return p.parse_args(argv)
 
 
@@ -78,7 +81,7 @@ def main(argv=None) -> dict:
                   ref_images=args.ref_images, target_images=args.target_images, resolution=32,
                   output_reg=args.output_reg, min_snr_gamma=5.0, freeze_encoder=not args.train_encoder,
                   seed=args.seed, reference_contrast=args.reference_contrast, contrast_margin=args.contrast_margin,
-                  loss_space="x0" if args.x0_loss else "native")
+                  loss_space="x0" if args.x0_loss else "native", subject_query=args.subject_query)
     t0 = time.perf_counter()
     steps = args.steps
     if args.seconds > 0:           # two short runs: their difference is the time of the extra steps alone

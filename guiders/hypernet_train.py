@@ -196,7 +196,8 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
                    freeze_encoder: bool = False, seed: int = 0,
                    checkpoint_every: int = 0, checkpoint_prefix: str = "hypernet/train",
                    resume: hn_mod.Hypernet | None = None, clip_vision=None, reference_contrast: float = 0.0,
-                   contrast_margin: float = 0.1, loss_space: str = "native", log=None) -> hn_mod.Hypernet:
+                   contrast_margin: float = 0.1, loss_space: str = "native", subject_query: bool = False,
+                   log=None) -> hn_mod.Hypernet:
     """Train (or continue training `resume`) a hypernetwork for `model`; returns it (CPU, eval). `clip_vision`: a
     new hypernetwork reads its features (encoder clip_vision); required to resume one that does.
     `reference_contrast` λ > 0 (DESIGN, experimental): per subject, also denoise its targets with the ΔW of another
@@ -205,7 +206,10 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
     update that ignores the references cannot do. Costs one more forward and backward per subject.
     `loss_space` "x0" (DESIGN, experimental): weigh ‖D − x0‖² alike at every noise level instead of the family's
     native weight (Min-SNR-capped ε/velocity loss, which scales the x0 error by ~1/σ² and so all but ignores the
-    noisy steps, where only the references can tell the subject's look)."""
+    noisy steps, where only the references can tell the subject's look).
+    `subject_query` (DESIGN, experimental): the network adds its pooled subject embedding to every query
+    (kernels/hypernet.py); resuming a network without that path adds it, zero-initialised, so training continues
+    from the same function."""
     t0 = time.perf_counter()
     if clip is None or vae is None:
         raise hn_mod.HypernetError(f"{NODE}: connect the model's CLIP (captions) and VAE (encodes the subject "
@@ -235,12 +239,17 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode(False):
         if resume is not None:
-            module = hk.HyperNetwork(targets, resume.module.config)
-            module.load_state_dict(resume.module.state_dict())
+            module = hk.HyperNetwork(targets, {**resume.module.config,
+                                               "subject_query": subject_query or resume.module.config["subject_query"]})
+            missing, unexpected = module.load_state_dict(resume.module.state_dict(), strict=False)
+            if unexpected or any(not k.startswith("subject_in.") for k in missing):
+                raise hn_mod.HypernetError(f"{NODE}: the resumed network's weights do not fit its own settings "
+                                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         else:
             with torch.random.fork_rng(devices=[]):          # seeded initialisation; the global RNG is left as it was
                 torch.manual_seed(seed)
-                module = hk.HyperNetwork(targets, {"rank": rank, "width": width, "depth": depth, **encoder_cfg})
+                module = hk.HyperNetwork(targets, {"rank": rank, "width": width, "depth": depth,
+                                                   "subject_query": subject_query, **encoder_cfg})
         module.train().requires_grad_(True)
         img_size = module.config["image_size"]
         pre = pretrain_encoder(module, data, encoder_pretrain_steps, gen, img_size=img_size, log=log) \

@@ -48,8 +48,9 @@ class Target:
 def default_config(**overrides) -> dict:
     """The hypernetwork's hyper-parameters (stored in the file's metadata)."""
     cfg = {"rank": 2, "width": 128, "depth": 2, "heads": 4, "image_size": 32, "encoder": "conv",
-           "encoder_channels": [32, 64, 128], "feature_dim": 0, "feature_tokens": 0}
-    # image_size / encoder_channels: the conv encoder; feature_dim / feature_tokens (d_feat, T): the clip_vision one
+           "encoder_channels": [32, 64, 128], "feature_dim": 0, "feature_tokens": 0, "subject_query": False}
+    # image_size / encoder_channels: the conv encoder; feature_dim / feature_tokens (d_feat, T): the clip_vision one;
+    # subject_query: the pooled subject embedding is added to every query (see HyperNetwork.forward)
     unknown = set(overrides) - set(cfg)
     if unknown:
         raise ValueError(f"unknown hypernetwork settings {sorted(unknown)}; known: {sorted(cfg)}")
@@ -134,6 +135,10 @@ class HyperNetwork(nn.Module):
         self.queries = nn.Parameter(torch.randn(2 * len(targets), width) * 0.02)
         self.blocks = nn.ModuleList(_Block(width, cfg["heads"]) for _ in range(cfg["depth"]))
         self.norm = nn.LayerNorm(width)
+        if cfg["subject_query"]:                    # zero: the path starts as the network without it
+            self.subject_in = nn.Linear(width, width)
+            nn.init.zeros_(self.subject_in.weight)
+            nn.init.zeros_(self.subject_in.bias)
         self.heads_a = nn.ModuleDict({str(d): nn.Linear(width, r * d) for d in sorted({t.in_dim for t in targets})})
         self.heads_b = nn.ModuleDict({str(d): nn.Linear(width, d * r) for d in sorted({t.out_dim for t in targets})})
         for head in self.heads_a.values():
@@ -174,8 +179,13 @@ class HyperNetwork(nn.Module):
         return self.project(self.encode(images).amax(dim=1))
 
     def forward(self, inputs: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """With `subject_query` (DESIGN), every query also gets W·z + b, z the pooled subject embedding of
+        `subject_embedding` (the head the encoder was pretrained with to tell subjects apart), so the factors see
+        which subject this is directly, not only through cross-attention over mostly-background tokens."""
         tokens = self.encode(inputs)
         q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        if self.config["subject_query"]:
+            q = q + self.subject_in(self.project(tokens.amax(dim=1)))[:, None]
         for block in self.blocks:
             q = block(q, tokens)
         q = self.norm(q)

@@ -198,6 +198,29 @@ def test_resume_continues_and_counts_steps(ht, trained, demo_model):
     assert more.module is not net.module
 
 
+def test_subject_query_resume_adds_the_path_at_zero_and_round_trips(ht, trained, demo_model, tmp_path):
+    """Resuming a network without the subject-query path adds it zero-initialised: the first probe (same seed, so
+    the same four draws) equals the resumed network's last one exactly; the file keeps the setting and needs the
+    pretraining head it now reads."""
+    net, _before = trained
+    patcher, clip, vae = demo_model
+    with torch.inference_mode():
+        more = ht.train_hypernet(patcher, clip, vae, steps=1, subjects_per_step=1, ref_images=2, target_images=4,
+                                 resume=net, seed=3, subject_query=True)
+    assert not net.module.config["subject_query"] and more.module.config["subject_query"]
+    assert more.info["loss_history"][0][1:] == net.info["loss_history"][-1][1:]
+    path = ht.hn_mod.save(more, tmp_path / "sq.safetensors")
+    back = ht.hn_mod.load(path)
+    assert back.module.config["subject_query"]
+    assert all(torch.equal(v, back.module.state_dict()[k]) for k, v in more.module.state_dict().items())
+    import comfy.utils
+    sd, meta = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+    comfy.utils.save_torch_file({k: v for k, v in sd.items() if not k.startswith("project.")},
+                                str(tmp_path / "headless.safetensors"), metadata=meta)
+    with pytest.raises(ht.hn_mod.HypernetError, match=r"does not match its own metadata \(missing \['project"):
+        ht.hn_mod.load(tmp_path / "headless.safetensors")
+
+
 def _subject_folder(root, size: tuple[int, int], subjects: int = 2, images: int = 3) -> None:
     """`subjects` sub-folders of `images` random RGB images of `size` (H, W), each with the caption "a dog"."""
     from PIL import Image

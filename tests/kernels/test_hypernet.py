@@ -211,3 +211,31 @@ def test_config_defaults_keep_conv_files_readable():
     net = hk.HyperNetwork(TARGETS, old)
     assert not net.reads_features and net.config["feature_dim"] == 0 and net.config["feature_tokens"] == 0
     assert isinstance(net.encoder, hk.ConvEncoder)
+
+
+def test_subject_query_starts_as_the_network_without_it_and_then_reads_the_pooled_embedding():
+    plain, sq = _net(seed=5), _net(seed=5, subject_query=True)
+    missing, unexpected = sq.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["subject_in.bias", "subject_in.weight"] and not unexpected
+    assert not plain.config["subject_query"] and not hasattr(plain, "subject_in")
+    for net in (plain, sq):
+        for head in net.heads_b.values():
+            torch.nn.init.normal_(head.weight, std=0.1, generator=torch.Generator().manual_seed(2))
+    imgs = torch.rand(2, 3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = plain(imgs), sq(imgs)
+    for k in a:                                               # zero-initialised path: the same factors exactly
+        assert torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1])
+    out = sq(imgs)                                            # and it learns: the path gets a gradient at zero
+    sum((bb @ aa).square().sum() for bb, aa in out.values()).backward()
+    assert float(sq.subject_in.weight.grad.abs().sum()) > 0
+    with torch.no_grad():                                     # once non-zero, the queries carry W·z + b
+        torch.nn.init.normal_(sq.subject_in.weight, std=0.5, generator=torch.Generator().manual_seed(4))
+        z = sq.project(sq.encode(imgs).amax(dim=1))
+        q = sq.queries[None] + sq.subject_in(z)[:, None]
+        for block in sq.blocks:
+            q = block(q, sq.encode(imgs))
+        q = sq.norm(q)
+        key = TARGETS[0].key
+        torch.testing.assert_close(sq(imgs)[key][1], sq.heads_a["16"](q[:, 0]).reshape(2, -1, 16))
+        assert not torch.equal(sq(imgs)[key][0], plain(imgs)[key][0])
