@@ -161,7 +161,8 @@ DIFFIER_SCALES = (3.0, 5.0, 7.5, 10.0, 15.0)
 
 # GL_SamplerDiffIER settings by key infix: (iterations K, step size η, window start, window end); "" = the defaults
 DIFFIER_VARIANTS = {"": (1, 0.5, 0.0, 0.5), "full-": (1, 0.5, 0.0, 1.0), "k3-": (3, 0.5, 0.0, 1.0),
-                    "late-": (1, 0.5, 0.5, 1.0), "eta1-": (1, 1.0, 0.0, 0.5)}
+                    "late-": (1, 0.5, 0.5, 1.0), "eta1-": (1, 1.0, 0.0, 0.5),
+                    "latee1-": (1, 1.0, 0.5, 1.0), "latek3-": (3, 0.5, 0.5, 1.0)}
 
 
 def diffier_configs() -> list[Config]:
