@@ -176,7 +176,11 @@ class HyperNetwork(nn.Module):
         """[S, n, 3, H, W] → [S, width]: the maximum over all reference tokens (the object is a small part of each
         image: a mean would mostly describe the background) through a small projection head — used to pretrain the
         encoder contrastively; not part of the factor path."""
-        return self.project(self.encode(images).amax(dim=1))
+        return self._pooled(self.encode(images))
+
+    def _pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Reference tokens [S, n·T, width] → the subject embedding [S, width] (max over tokens, projection head)."""
+        return self.project(tokens.amax(dim=1))
 
     def forward(self, inputs: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """With `subject_query` (DESIGN), every query also gets W·z + b, z the pooled subject embedding of
@@ -185,7 +189,7 @@ class HyperNetwork(nn.Module):
         tokens = self.encode(inputs)
         q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         if self.config["subject_query"]:
-            q = q + self.subject_in(self.project(tokens.amax(dim=1)))[:, None]
+            q = q + self.subject_in(self._pooled(tokens))[:, None]
         for block in self.blocks:
             q = block(q, tokens)
         q = self.norm(q)
