@@ -11,6 +11,10 @@ euler, normal, 20 steps, empty negative):
     personalized       KSampler, cfg 5, the personalized model
     hybrid w_p         GL_MultiModelGuider mode hybrid on the base model: D_u + 5·(D_b − D_u) + w_p·(D_p − D_b),
                        the personalized term through the LoRA hook on positive_2 (ConditioningSetProperties)
+    direct LoRA fit    with --direct-fit STEPS: KSampler, cfg 5, the demo model with a LoRA (the hypernetwork's layers
+                       and rank) optimised on N images of the subject for STEPS steps (guiders/hypernet_train.fit_lora,
+                       the per-subject optimisation a hypernetwork replaces), loaded by the core LoraLoaderModelOnly;
+                       one row per N of --direct-images (3 = the same references GL_Personalize gets)
     ground truth       the prompts' objects rendered with the subject's pattern (what a perfect model draws)
 Columns: prompt adherence (colour and shape of the prompt, read by bench/subject_evaluator.py, an evaluation-only
 CNN trained on patterned and flat objects), the world evaluator's attribute accuracy (bench/evaluator.py, trained
@@ -57,7 +61,8 @@ def prompt_list(n: int) -> list[tuple[str, str]]:
     return [(world.COLORS[i % nc], world.SHAPES[(i + i // nc) % ns]) for i in range(n)]
 
 
-def graph(row: str, w_p: float, subject: int, caption: str, seed: int, batch: int, hypernet: str) -> dict:
+def graph(row: str, w_p: float, subject: int, caption: str, seed: int, batch: int, hypernet: str,
+          lora: str = "") -> dict:
     g = {"1": {"class_type": "GL_DemoModelLoader", "inputs": {"checkpoint": "demo_model"}},
          "2": {"class_type": "GL_HypernetworkLoader", "inputs": {"hypernetwork": hypernet}},
          "3": {"class_type": "CLIPTextEncode", "inputs": {"text": caption, "clip": ["1", 1]}},
@@ -71,14 +76,18 @@ def graph(row: str, w_p: float, subject: int, caption: str, seed: int, batch: in
                                                           "hypernetwork": ["2", 0], "strength": 1.0}},
          "10": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
          "11": {"class_type": "GLBench_Capture", "inputs": {"images": ["10", 0]}}}
-    if row in ("base", "personalized"):
+    if row in ("base", "personalized", "direct"):
+        model = {"base": ["9", 0], "personalized": ["8", 0], "direct": ["17", 0]}[row]
         g["6"] = {"class_type": "KSampler", "inputs": {
-            "model": ["9", 0] if row == "base" else ["8", 0], "seed": seed, "steps": STEPS, "cfg": CFG,
+            "model": model, "seed": seed, "steps": STEPS, "cfg": CFG,
             "sampler_name": "euler", "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0],
             "latent_image": ["5", 0], "denoise": 1.0}}
-        if row == "base":
+        if row != "personalized":
             for k in ("2", "7", "8"):
                 del g[k]
+        if row == "direct":
+            g["17"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["9", 0], "lora_name": lora,
+                                                                       "strength_model": 1.0}}
         return g
     g["12"] = {"class_type": "ConditioningSetProperties", "inputs": {
         "cond_NEW": ["3", 0], "strength": 1.0, "set_cond_area": "default", "hooks": ["8", 1]}}
@@ -119,6 +128,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--images-per-prompt", type=int, default=2)
     ap.add_argument("--w-p", default="0,1,2,3,4")
+    ap.add_argument("--direct-fit", type=int, default=0,
+                    help="steps of a LoRA optimised directly per subject (0: no direct-fit rows)")
+    ap.add_argument("--direct-images", default="3", help="images of the subject per direct fit, one row per value")
+    ap.add_argument("--direct-lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
@@ -149,19 +162,45 @@ def main(argv=None) -> int:
     captions = [f"a {c} {s}" for c, s in pairs]
     n = args.images_per_prompt
     w_ps = [float(v) for v in args.w_p.split(",") if v.strip()]
-    rows = [("base", 0.0), ("personalized", 0.0)] + [("hybrid", w) for w in w_ps]
+    direct_n = [int(v) for v in args.direct_images.split(",") if v.strip()] if args.direct_fit > 0 else []
+    rows = ([("base", 0.0), ("personalized", 0.0)] + [("hybrid", w) for w in w_ps]
+            + [("direct", float(k)) for k in direct_n])
+
+    def row_name(r: str, w: float) -> str:
+        return {"hybrid": f"hybrid w_p {w:g}", "direct": f"direct LoRA fit, {w:g} images"}.get(r, r)
     runner = q.Runner()
-    per_row = {f"{r}" if r != "hybrid" else f"hybrid w_p {w:g}": {"images": [], "subject": [], "seconds": 0.0,
-                                                                  "unet_rows": 0} for r, w in rows}
+    per_row = {row_name(r, w): {"images": [], "subject": [], "seconds": 0.0, "unet_rows": 0, "fit_seconds": 0.0}
+               for r, w in rows}
+    if direct_n:
+        import tempfile
+
+        import comfy.utils as cu
+        net = host.pack("guiders.hypernet").load(hpath)
+        dm = host.pack("guiders.demo_model")
+        ht = host.pack("guiders.hypernet_train")
+        fit_model = dm.load_demo_model(dm.DEFAULT_PATH)
+        lora_dir = Path(tempfile.mkdtemp(prefix="gl-direct-fit-"))
+        folder_paths.add_model_folder_path("loras", str(lora_dir))
     truth = {"images": [], "subject": []}
     try:
         runner.run(graph("base", 0.0, 0, "", 0, 1, hpath.name))
         for s in range(args.subjects):
+            loras = {}
+            for count in direct_n:        # the same first images GL_DemoSubjectImages gives (start 0)
+                pics, caps, _labels = sj.images(sj.subject(s, split="heldout"), 0, count, size=32)
+                with torch.inference_mode():
+                    factors, fit = ht.fit_lora(*fit_model, pics, caps, layers=net.layers,
+                                               rank=net.module.config["rank"], steps=args.direct_fit,
+                                               learning_rate=args.direct_lr, seed=s)
+                loras[count] = f"subject{s}_n{count}.safetensors"
+                cu.save_torch_file(host.pack("guiders.hypernet").lora_state_dict(factors),
+                                   str(lora_dir / loras[count]))
+                per_row[row_name("direct", float(count))]["fit_seconds"] += fit["seconds"]
             for r, w in rows:
-                key = r if r != "hybrid" else f"hybrid w_p {w:g}"
+                key = row_name(r, w)
                 for k, cap in enumerate(captions):
                     imgs, unet_rows, secs = runner.run(graph(r, w, s, cap, args.seed + 100 * s + k, n,
-                                                             hpath.name))
+                                                             hpath.name, loras.get(int(w), "")))
                     per_row[key]["images"].append(imgs)
                     per_row[key]["unet_rows"] += unet_rows
                     per_row[key]["subject"] += [s] * len(imgs)
@@ -209,6 +248,8 @@ def main(argv=None) -> int:
         if "seconds" in r:
             row["seconds_per_image"] = r["seconds"] / len(images)
             row["rows_per_step"] = r["unet_rows"] / (len(images) * STEPS)
+        if r.get("fit_seconds"):
+            row["fit_seconds_per_subject"] = r["fit_seconds"] / args.subjects
         table.append(row)
         print(json.dumps(row), flush=True)
     import comfy.utils as cu
@@ -219,6 +260,9 @@ def main(argv=None) -> int:
             "hypernet_info": json.loads(meta.get("info", "{}")),
             "command": " ".join(["python bench/personalize.py", *(argv or sys.argv[1:])])}
     info["hypernet_info"].pop("loss_history", None)
+    if direct_n:
+        info["direct"] = {"layers": net.layers, "rank": net.module.config["rank"], "steps": args.direct_fit,
+                          "images": direct_n, "learning_rate": args.direct_lr}
     write_section(args.out, SECTION, render(table, info, args, captions))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"rows": table, "info": info, "prompts": captions}, indent=1, default=str))
@@ -261,6 +305,15 @@ def render(table: list[dict], info: dict, args, captions: list[str]) -> str:
               "GLBench_CountNFE (a DIFFUSION_MODEL wrapper on the loaded model, which the personalized clone and the "
               "guider inherit): 2 for CFG, 3 for hybrid-model CFG with w_p > 0 (the guider evaluates a term only "
               "when its coefficient is non-zero)."]
+    fits = [r for r in table if "fit_seconds_per_subject" in r]
+    if fits:
+        lines += ["", f"Direct LoRA fit rows: per subject, a rank-{info['direct']['rank']} LoRA on the hypernetwork's "
+                  f"layers ({info['direct']['layers']}) optimised for {args.direct_fit} steps (batch 4, AdamW, lr "
+                  f"{args.direct_lr:g}, the hypernetwork's training loss) on the subject's first N images and their "
+                  "captions (N = 3: the references GL_Personalize gets), then loaded by LoraLoaderModelOnly: the "
+                  "per-subject optimisation a hypernetwork replaces. Fitting time per subject: "
+                  + ", ".join(f"{r['fit_seconds_per_subject']:.0f} s ({r['row'].split(', ')[-1]})" for r in fits)
+                  + "."]
     return "\n".join(lines)
 
 

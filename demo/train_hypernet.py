@@ -3,6 +3,8 @@
     python demo/train_hypernet.py --resume                          # continue the shipped file (CPU)
     python demo/train_hypernet.py --resume --device cuda --seconds 400     # as many steps as fit 400 s on a GPU
     python demo/train_hypernet.py --steps 20 --out /tmp/h.safetensors      # a quick run from scratch
+    python demo/train_hypernet.py --resume --fits /tmp/fits.safetensors --fit-subjects 24 --regress-steps 600 \
+        --steps 0 --out /tmp/h.safetensors      # experimental weight-space pretraining on directly fitted LoRAs
 
 Runs GL_HypernetworkTrain's code (`guiders/hypernet_train.train_hypernet`) in the real host (tests/host.py boots
 ComfyUI; `--device cuda` lets it use the GPU) on the demo model and the demo world's training subjects (coarse
@@ -60,6 +62,19 @@ def parse(argv=None):
     p.add_argument("--subject-query", action="store_true",
                    help="add the pooled subject embedding to every query of the decoder (experimental; added "
                         "zero-initialised when resuming a network without it)")
+    w = p.add_argument_group("weight-space pretraining (experimental; HyperDreamBooth precedent)")
+    w.add_argument("--fits", default=None,
+                   help="safetensors collection of directly fitted subject LoRAs (created or continued here); with "
+                        "--regress-steps, the network is first regressed onto them, then trained end to end for "
+                        "--steps (0: not at all)")
+    w.add_argument("--fit-subjects", type=int, default=0, help="training subjects 0..N-1 to fit (missing ones)")
+    w.add_argument("--fit-steps", type=int, default=300)
+    w.add_argument("--fit-lr", type=float, default=5e-3)
+    w.add_argument("--fit-images", type=int, default=64)
+    w.add_argument("--regress-steps", type=int, default=0)
+    w.add_argument("--regress-lr", type=float, default=1e-3)
+    w.add_argument("--held-out", type=float, default=0.2,
+                   help="share of the fitted subjects kept out of the regression")
     return p.parse_args(argv)
 
 
@@ -84,6 +99,27 @@ def main(argv=None) -> dict:
                   loss_space="x0" if args.x0_loss else "native", subject_query=args.subject_query)
     t0 = time.perf_counter()
     steps = args.steps
+    if args.fits:
+        from pathlib import Path
+        fits = ht.load_fits(args.fits) if Path(args.fits).is_file() else None
+        if args.fit_subjects:
+            fits = ht.fit_demo_subjects(model, clip, vae, list(range(args.fit_subjects)), layers=LAYERS, rank=4,
+                                        steps=args.fit_steps, learning_rate=args.fit_lr, images=args.fit_images,
+                                        fits=fits, after_each=lambda f: ht.save_fits(f, args.fits), log=log)
+        if args.regress_steps:
+            if net is None or fits is None:
+                raise SystemExit("--regress-steps needs --resume (a network to start from) and a --fits collection")
+            net = ht.regress_hypernet(net, fits, steps=args.regress_steps, learning_rate=args.regress_lr,
+                                      held_out=args.held_out, seed=args.seed, train_encoder=args.train_encoder,
+                                      log=log)
+        if steps == 0:
+            if net is not None and args.regress_steps:
+                net.info["command"] = " ".join(["python demo/train_hypernet.py",
+                                                *recorded_args(sys.argv[1:] if argv is None else argv)])
+                out = hn.save(net, args.out)
+                log(f"wrote {out}: regression only")
+                return net.info
+            return {}
     if args.seconds > 0:           # two short runs: their difference is the time of the extra steps alone
         took = []
         for n in CALIBRATION_STEPS:

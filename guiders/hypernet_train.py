@@ -29,6 +29,12 @@ compare: [step, probe loss, output penalty, probe loss with swapped references] 
 targets the ΔW of the next draw's references; it exceeds the probe loss only when the hypernetwork reads its
 references (a network that learned one update for all subjects scores the same on both). Checkpoints are
 written every `checkpoint_every` steps; progress bar; interruptible (the shared model is left clean).
+
+Experimental, not on the node: `fit_lora` optimises one subject's LoRA directly (the per-subject training a
+hypernetwork replaces; bench/personalize.py's ceiling rows). `fit_demo_subjects` + `regress_hypernet` are
+weight-space pretraining (DESIGN, the HyperDreamBooth precedent): fit many training subjects with one fixed, shared
+down-projection A, then regress the hypernetwork's ΔW, predicted from fresh references, onto theirs, with some
+fitted subjects held out to tell whether the mapping generalises.
 """
 from __future__ import annotations
 
@@ -174,6 +180,23 @@ class FolderSubjects:
             a.append(pics[order[:half]][pick])
             b.append(pics[order[half:2 * half]][pick])
         return torch.stack(a), torch.stack(b)
+
+
+class ImageSet:
+    """One subject's fixed images [N, 3, S, S] in [0, 1] with their captions (a direct LoRA fit's data)."""
+
+    def __init__(self, images: torch.Tensor, captions: list[str]):
+        self.images, self.caps = images.float(), list(captions)
+
+    def captions(self) -> list[str]:
+        return sorted(set(self.caps))
+
+    def prepare(self, encode) -> None:
+        self.latents = encode(self.images)
+
+    def draw(self, gen: torch.Generator, n_ref: int, n_tgt: int):
+        idx = torch.randint(0, len(self.images), (n_tgt,), generator=gen)
+        return self.images[:1], self.images[idx], [self.caps[int(i)] for i in idx], self.latents[idx]
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -323,6 +346,208 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
     logging.info("%s: %d steps in %.1f s; probe loss %.5f -> %.5f", NODE, steps, info["seconds"], history[0][1],
                  history[-1][1])
     return hn_mod.Hypernet(module, fam, layers, "trained", info)
+
+
+def fit_lora(model, clip, vae, images: torch.Tensor, captions: list[str], *, layers: str = "attention",
+             rank: int = 4, steps: int = 400, learning_rate: float = 3e-3, batch: int = 4,
+             min_snr_gamma: float = 5.0, train_down: bool = True, seed: int = 0, down_seed: int | None = None,
+             name: str = "fit_lora", log=None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    """Optimise one subject's LoRA directly (kernels.hypernet.DirectLoRA) on its images [N, 3, S, S] in [0, 1] and
+    captions, with the loss the hypernetwork trains on (the family's loss, Min-SNR-γ): the per-subject
+    optimisation a hypernetwork replaces (DreamBooth-LoRA style), used as its ceiling and as weight-space targets.
+    Returns (factors {key: (B [out, r], A [r, in])} on the CPU, info with the loss on a fixed probe draw before
+    and after, and the seconds). `seed` draws the batches and noise; `down_seed` (default `seed`) the initial A, so
+    fits of several subjects with train_down False and one down_seed share A and differ only in B. The shared model
+    is left clean; progress bar; interruptible."""
+    t0 = time.perf_counter()
+    if clip is None or vae is None:
+        raise hn_mod.HypernetError(f"{name}: needs the model's CLIP (captions) and VAE (encodes the images)")
+    if images.ndim != 4 or images.shape[1] != 3 or len(images) != len(captions) or len(images) < 1:
+        raise hn_mod.HypernetError(f"{name}: images must be [N, 3, H, W] with one caption each; got "
+                                   f"{tuple(images.shape)} and {len(captions)} captions")
+    if steps < 1 or batch < 1 or not learning_rate > 0:
+        raise hn_mod.HypernetError(f"{name}: steps and batch must be >= 1 and learning_rate > 0; got {steps}, "
+                                   f"{batch}, {learning_rate}")
+    targets, fam = hn_mod.targets_for(model, layers, node=name), hn_mod.family(model)
+    ms = model.get_model_object("model_sampling")
+    kind = _KIND.get(family_name(ms))
+    if kind is None:
+        raise hn_mod.HypernetError(f"{name}: the model predicts {family_name(ms)}; EPS, V-prediction and flow "
+                                   "models are supported")
+    data = ImageSet(images, captions)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.inference_mode(False):
+        module = hk.DirectLoRA(targets, rank, train_down=train_down, seed=seed if down_seed is None else down_seed)
+        t = model.clone()
+        slots = {tg.key: _Slot() for tg in targets}
+        for key, slot in slots.items():
+            t.add_weight_wrapper(key, slot)
+        t.model.requires_grad_(False)
+        device = t.load_device
+        probe_x = _latent(vae, model, images[:1].float())
+        conds = {c: tr.model_conds(t.model, clip, clip.tokenize(c), 1, device, probe_x, name) for c in data.captions()}
+        data.prepare(lambda pics: _latent(vae, model, pics))
+        try:
+            comfy.model_management.load_models_gpu([t], memory_required=1e20, force_full_load=True)
+            module.to(device)
+            step_fn = _Stepper(t, module, slots, data, conds, vae, model, kind, ms, device, n_ref=1, n_tgt=batch,
+                               img_size=images.shape[-1], gamma=min_snr_gamma, copy_saved=fam != "UNet")
+            probe = step_fn.sample(torch.Generator().manual_seed(seed + 7919))
+            before = step_fn.probe([probe])[0]
+            opt = torch.optim.AdamW(list(module.parameters()), lr=learning_rate, weight_decay=0.0)
+            pbar = comfy.utils.ProgressBar(steps)
+            for step in range(steps):
+                opt.zero_grad(set_to_none=True)
+                loss, _pen = step_fn.loss(step_fn.sample(gen))
+                loss.backward()
+                opt.step()
+                pbar.update(1)
+                comfy.model_management.throw_exception_if_processing_interrupted()
+            after = step_fn.probe([probe])[0]
+        finally:
+            for slot in slots.values():
+                slot.delta = None
+            tr.unload_wrappers(t, _Slot)
+        factors = {k: (b[0].detach().float().cpu().clone(), a[0].detach().float().cpu().clone())
+                   for k, (b, a) in module().items()}
+    info = {"steps": steps, "rank": rank, "learning_rate": learning_rate, "batch": batch, "images": len(images),
+            "train_down": train_down, "seed": seed, "down_seed": seed if down_seed is None else down_seed,
+            "probe_loss": [before, after], "seconds": round(time.perf_counter() - t0, 1)}
+    if log:
+        log(f"{name}: {steps} steps in {info['seconds']} s; probe loss {before:.5f} -> {after:.5f}")
+    return factors, info
+
+
+FITS_FORMAT = "guidance_lab.subject_loras/1"
+
+
+def fit_demo_subjects(model, clip, vae, indices: list[int], *, layers: str, rank: int = 4, steps: int = 300,
+                      learning_rate: float = 5e-3, images: int = 64, down_seed: int = 0, fits: dict | None = None,
+                      after_each=None, log=None) -> dict:
+    """Direct LoRA fits of demo training subjects (DESIGN, experimental: weight-space targets, the HyperDreamBooth
+    precedent): for each index, `fit_lora` with A fixed and shared (`down_seed`) on `images` images of the subject
+    (split train) and their captions. Returns {"A": {key: A}, "B": {index: {key: B}}, "info": {...}}; `fits`
+    continues a collection (indices already there are skipped; its settings must match); `after_each(fits)` runs
+    after every subject (e.g. to save)."""
+    from ..demo import subjects as sj
+    settings = {"layers": layers, "rank": rank, "steps": steps, "learning_rate": learning_rate, "images": images,
+                "down_seed": down_seed}
+    if fits is None:
+        fits = {"A": None, "B": {}, "info": {**settings, "seconds": {}}}
+    elif {k: fits["info"].get(k) for k in settings} != settings:
+        raise hn_mod.HypernetError(f"fit_demo_subjects: the collection was made with other settings "
+                                   f"({ {k: fits['info'].get(k) for k in settings} } vs {settings})")
+    for n, idx in enumerate(indices):
+        if int(idx) in fits["B"]:
+            continue
+        pics, caps, _labels = sj.images(sj.subject(int(idx)), 0, images, seed=0, size=32)
+        factors, info = fit_lora(model, clip, vae, pics, caps, layers=layers, rank=rank, steps=steps,
+                                 learning_rate=learning_rate, train_down=False, seed=int(idx), down_seed=down_seed)
+        if fits["A"] is None:
+            fits["A"] = {k: a for k, (_b, a) in factors.items()}
+        fits["B"][int(idx)] = {k: b for k, (b, _a) in factors.items()}
+        fits["info"]["seconds"][str(int(idx))] = info["seconds"]
+        if log:
+            log(f"fit {n + 1}/{len(indices)}: subject {idx}, probe loss {info['probe_loss'][0]:.5f} -> "
+                f"{info['probe_loss'][1]:.5f}, {info['seconds']} s")
+        if after_each is not None:
+            after_each(fits)
+    return fits
+
+
+def save_fits(fits: dict, path: str | Path) -> Path:
+    """Write a collection of `fit_demo_subjects` as safetensors (A|key, B|index|key; settings in the metadata)."""
+    import json
+    path = Path(path)
+    sd = {f"A|{k}": a.contiguous() for k, a in fits["A"].items()}
+    for idx, bs in fits["B"].items():
+        sd.update({f"B|{idx}|{k}": b.contiguous() for k, b in bs.items()})
+    comfy.utils.save_torch_file(sd, str(path), metadata={"format": FITS_FORMAT, "info": json.dumps(fits["info"])})
+    return path
+
+
+def load_fits(path: str | Path) -> dict:
+    import json
+    sd, meta = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+    if not meta or meta.get("format") != FITS_FORMAT:
+        raise hn_mod.HypernetError(f"load_fits: {path} is not a collection of subject LoRA fits")
+    fits = {"A": {}, "B": {}, "info": json.loads(meta["info"])}
+    for name, t in sd.items():
+        parts = name.split("|")
+        if parts[0] == "A":
+            fits["A"][parts[1]] = t
+        else:
+            fits["B"].setdefault(int(parts[1]), {})[parts[2]] = t
+    return fits
+
+
+def regress_hypernet(net: hn_mod.Hypernet, fits: dict, *, steps: int, learning_rate: float = 1e-3,
+                     subjects_per_step: int = 8, ref_images: int = 3, held_out: float = 0.2, seed: int = 0,
+                     train_encoder: bool = False, log=None) -> hn_mod.Hypernet:
+    """Weight-space pretraining (DESIGN, experimental): train a copy of `net` so that ΔW predicted from fresh
+    reference images of a fitted demo subject matches that subject's directly fitted ΔW = B·A
+    (kernels.hypernet.delta_distance, relative). No model calls. The last `held_out` share of the fitted subjects
+    is never trained on: the history [step, train distance, held-out distance] (mean over those subjects, fixed
+    reference draws) says whether the mapping generalises to subjects it did not see."""
+    import copy
+
+    from ..demo import subjects as sj
+    t0 = time.perf_counter()
+    if net.module.reads_features:
+        raise hn_mod.HypernetError("regress_hypernet: conv hypernetworks only (the demo subjects are rendered)")
+    ids = sorted(fits["B"])
+    n_held = int(round(len(ids) * held_out))
+    train_ids, held_ids = ids[:len(ids) - n_held], ids[len(ids) - n_held:]
+    if not train_ids:
+        raise hn_mod.HypernetError("regress_hypernet: no fitted subjects left to train on")
+    size = net.module.config["image_size"]
+
+    def refs(idx: int, gen: torch.Generator) -> torch.Tensor:
+        start = int(torch.randint(1000, 100_000, (1,), generator=gen))
+        return hk.resize_images(sj.images(sj.subject(idx), start, ref_images, seed=0, size=size)[0], size)
+
+    def targets(batch: list[int]) -> dict:
+        return {k: (torch.stack([fits["B"][i][k] for i in batch]), a[None].expand(len(batch), -1, -1))
+                for k, a in fits["A"].items()}
+    probe_gen = torch.Generator().manual_seed(seed + 7919)
+    probes = {i: refs(i, probe_gen) for i in ids}
+
+    def distance(module, batch: list[int]) -> float:
+        if not batch:
+            return float("nan")
+        with torch.no_grad():
+            return float(hk.delta_distance(module(torch.stack([probes[i] for i in batch])), targets(batch)).mean())
+    with torch.inference_mode(False):
+        module = copy.deepcopy(net.module).train().requires_grad_(True)
+        if not train_encoder:
+            module.encoder.requires_grad_(False)
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW([q for q in module.parameters() if q.requires_grad], lr=learning_rate,
+                                weight_decay=0.0)
+        history = [[0, distance(module, train_ids), distance(module, held_ids)]]
+        pbar = comfy.utils.ProgressBar(steps)
+        for step in range(steps):
+            batch = [train_ids[int(j)] for j in torch.randint(0, len(train_ids), (subjects_per_step,), generator=gen)]
+            loss = hk.delta_distance(module(torch.stack([refs(i, gen) for i in batch])), targets(batch)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+            opt.step()
+            if (step + 1) % 50 == 0 or step == steps - 1:
+                history.append([step + 1, distance(module, train_ids), distance(module, held_ids)])
+                if log:
+                    log(f"regression step {step + 1}: distance train {history[-1][1]:.4f}, held-out "
+                        f"{history[-1][2]:.4f}")
+            pbar.update(1)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+        module.eval().requires_grad_(False)
+    info = dict(net.info)
+    info["weight_space"] = {"fits": {k: v for k, v in fits["info"].items() if k != "seconds"},
+                            "train_subjects": len(train_ids), "held_out_subjects": len(held_ids), "steps": steps,
+                            "learning_rate": learning_rate, "subjects_per_step": subjects_per_step,
+                            "train_encoder": train_encoder, "history": history,
+                            "seconds": round(time.perf_counter() - t0, 1)}
+    return hn_mod.Hypernet(module, net.family, net.layers, net.name, info)
 
 
 def _feature_encoder(resume, clip_vision, resolution: int, pretrain_steps: int) -> tuple:

@@ -201,6 +201,37 @@ class HyperNetwork(nn.Module):
         return out
 
 
+class DirectLoRA(nn.Module):
+    """Per-subject LoRA factors optimised directly (no hypernetwork): B [out, r] zero-initialised, A [r, in] seeded
+    N(0, 1/in). Called like HyperNetwork on one subject's inputs, which it ignores, it returns {key: (B [1, out, r],
+    A [1, r, in])}. train_down False keeps A fixed (a buffer), which makes ΔW = B·A unique per subject (no
+    B·M, M⁻¹·A ambiguity): the form used as regression targets in weight space."""
+
+    reads_features = False
+
+    def __init__(self, targets: list[Target], rank: int = 4, *, train_down: bool = True, seed: int = 0):
+        super().__init__()
+        if rank < 1 or not targets:
+            raise ValueError(f"rank must be >= 1 and there must be targets; got rank {rank}, {len(targets)} targets")
+        g = torch.Generator().manual_seed(seed)
+        self.keys, self.rank, self.train_down = [t.key for t in targets], rank, train_down
+        self.config = {"rank": rank, "image_size": 0}
+        self.b = nn.ParameterList(nn.Parameter(torch.zeros(t.out_dim, rank)) for t in targets)
+        downs = [torch.randn(rank, t.in_dim, generator=g) * t.in_dim ** -0.5 for t in targets]
+        if train_down:
+            self.a = nn.ParameterList(nn.Parameter(d) for d in downs)
+        else:
+            for i, d in enumerate(downs):
+                self.register_buffer(f"a{i}", d)
+            self.a = None
+
+    def downs(self) -> list[torch.Tensor]:
+        return list(self.a) if self.a is not None else [getattr(self, f"a{i}") for i in range(len(self.keys))]
+
+    def forward(self, inputs: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {k: (b[None], a[None]) for k, b, a in zip(self.keys, self.b, self.downs())}
+
+
 def contrastive_loss(za: torch.Tensor, zb: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     """Symmetric InfoNCE between two views of the same subjects: za[i] and zb[i] describe subject i (rows are
     L2-normalised here); every other row of the batch is a negative."""
@@ -225,6 +256,25 @@ def output_penalty(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tor
         term = (bb * aa).sum(dim=(1, 2))
         total = term if total is None else total + term
     return total.mean()
+
+
+def delta_distance(factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                   target: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Relative weight-space distance per subject [S]: Σ_l ‖B̂_l·Â_l − B_l·A_l‖²_F / Σ_l ‖B_l·A_l‖²_F between predicted
+    factors {key: (B̂ [S, out, r], Â [S, r, in])} and target factors of the same keys (same shapes; the ranks may
+    differ), computed with r×r Gram products (ΔW is never formed): ‖X − Y‖² = ‖X‖² + ‖Y‖² − 2⟨X, Y⟩ and
+    ⟨B̂Â, BA⟩ = Σ (B̂ᵀB) ⊙ (ÂAᵀ). The loss of weight-space pretraining on directly fitted LoRAs (HyperDreamBooth
+    precedent; DESIGN here)."""
+    num = den = None
+    for key, (b, a) in target.items():
+        bh, ah = (t.float() for t in factors[key])
+        b, a = b.float(), a.float()
+        pred = ((bh.transpose(1, 2) @ bh) * (ah @ ah.transpose(1, 2))).sum(dim=(1, 2))
+        want = ((b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))).sum(dim=(1, 2))
+        cross = ((bh.transpose(1, 2) @ b) * (ah @ a.transpose(1, 2))).sum(dim=(1, 2))
+        d = pred + want - 2 * cross
+        num, den = (d, want) if num is None else (num + d, den + want)
+    return num / den.clamp_min(1e-30)
 
 
 def denoising_weight(sigma: torch.Tensor, kind: str, sigma_data: float = 1.0,

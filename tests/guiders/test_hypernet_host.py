@@ -523,3 +523,75 @@ def test_clip_vision_training_on_flux_from_a_folder_encodes_each_image_once(ht, 
     data = ht.FolderSubjects(str(tmp_path), 16, featurize=lambda x: ht.hn_mod.clip_vision_features(vision, x))
     full = torch.from_numpy(np.asarray(Image.open(tmp_path / "subject0" / "0.png"), dtype=np.float32) / 255.0)
     torch.testing.assert_close(data.features[0][0], ht.hn_mod.clip_vision_features(vision, full[None])[0])
+
+
+def test_direct_lora_fit_lowers_its_loss_and_leaves_the_model_clean(ht, hn, demo_model):
+    """fit_lora (a subject's LoRA optimised directly, the ceiling of a hypernetwork): on a demo subject's images the
+    probe loss falls, the shared weights stay as they were, and the factors patch a model that then differs."""
+    import comfy.lora
+    from demo import subjects as sj
+    patcher, clip, vae = demo_model
+    before = original_weights(patcher)
+    images, captions, _labels = sj.images(sj.subject(0), 0, 6, size=32)
+    with torch.inference_mode():
+        factors, info = ht.fit_lora(patcher, clip, vae, images, captions, layers="cross-attention k/v (UNet)",
+                                    rank=2, steps=30, learning_rate=1e-2, batch=3, train_down=False, seed=0)
+    assert info["probe_loss"][1] < info["probe_loss"][0], info
+    assert set(factors) == {t.key for t in hn.targets_for(patcher, "cross-attention k/v (UNet)")}
+    assert all(b.shape[1] == 2 and a.shape[0] == 2 and float(b.abs().max()) > 0 for b, a in factors.values())
+    assert all(torch.equal(v, before[k]) for k, v in original_weights(patcher).items())
+    assert all(not getattr(m, "weight_function", []) for m in patcher.model.diffusion_model.modules())
+    m = patcher.clone()
+    patches = comfy.lora.load_lora(hn.lora_state_dict(factors), comfy.lora.model_lora_keys_unet(patcher.model, {}),
+                                   log_missing=False)
+    assert len(m.add_patches(patches, 1.0)) == len(factors)
+    pos, neg = encode(clip, captions[0]), encode(clip, "")
+    out, base = run(m, pos, neg, 3.0, batch=2), run(patcher, pos, neg, 3.0, batch=2)
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    with pytest.raises(Exception, match=r"fit_lora: images must be \[N, 3, H, W\] with one caption each"):
+        ht.fit_lora(patcher, clip, vae, images, captions[:2])
+    # fits with a fixed, shared down-projection (weight-space targets): same A, their own B
+    with torch.inference_mode():
+        one, _ = ht.fit_lora(patcher, clip, vae, images[:3], captions[:3], layers="cross-attention k/v (UNet)",
+                             rank=2, steps=2, train_down=False, seed=1, down_seed=0)
+        two, _ = ht.fit_lora(patcher, clip, vae, images[3:], captions[3:], layers="cross-attention k/v (UNet)",
+                             rank=2, steps=2, train_down=False, seed=2, down_seed=0)
+    assert all(torch.equal(one[k][1], two[k][1]) and not torch.equal(one[k][0], two[k][0]) for k in one)
+
+
+def test_direct_lora_fit_on_flux_batch_of_images(ht, text_model):
+    import comfy.sd
+    model, clip = text_model("flux")
+    vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+    before = original_weights(model)
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        factors, info = ht.fit_lora(model, clip, vae, images, ["a dog"] * 3, rank=2, steps=3, batch=2)
+    assert factors and all(math.isfinite(v) for v in info["probe_loss"])
+    assert all(torch.equal(v, before[k]) for k, v in original_weights(model).items())
+
+
+def test_weight_space_pretraining_on_fitted_subjects(ht, hn, demo_model, tmp_path):
+    """Experimental weight-space pretraining: fitted demo subjects (shared A, own B) round-trip through their file;
+    regressing a network onto them lowers its distance to the fitted ΔW (1 at the start: ΔW = 0), the held-out
+    subjects are scored but never trained on, the input network is not changed, and other settings are refused."""
+    patcher, clip, vae = demo_model
+    layers = "cross-attention k/v (UNet)"
+    with torch.inference_mode():
+        fits = ht.fit_demo_subjects(patcher, clip, vae, [0, 1, 2], layers=layers, rank=2, steps=6, images=4,
+                                    learning_rate=3e-2)
+    path = ht.save_fits(fits, tmp_path / "fits.safetensors")
+    back = ht.load_fits(path)
+    assert sorted(back["B"]) == [0, 1, 2] and back["info"]["rank"] == 2
+    assert all(torch.equal(back["A"][k], fits["A"][k]) for k in fits["A"])
+    assert all(torch.equal(back["B"][i][k], fits["B"][i][k]) for i in fits["B"] for k in fits["A"])
+    with pytest.raises(Exception, match="made with other settings"):
+        ht.fit_demo_subjects(patcher, clip, vae, [3], layers=layers, rank=2, steps=5, images=4, fits=back)
+    net = _untrained(hn, patcher, layers)
+    before = {k: v.clone() for k, v in net.module.state_dict().items()}
+    out = ht.regress_hypernet(net, back, steps=100, learning_rate=1e-3, subjects_per_step=2, held_out=0.34)
+    hist = out.info["weight_space"]["history"]
+    assert out.info["weight_space"]["train_subjects"] == 2 and out.info["weight_space"]["held_out_subjects"] == 1
+    assert hist[-1][1] < 0.9 * hist[0][1], hist
+    assert all(torch.equal(v, before[k]) for k, v in net.module.state_dict().items())
+    assert all(not p.requires_grad for p in out.module.parameters())

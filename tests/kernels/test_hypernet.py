@@ -239,3 +239,38 @@ def test_subject_query_starts_as_the_network_without_it_and_then_reads_the_poole
         key = TARGETS[0].key
         torch.testing.assert_close(sq(imgs)[key][1], sq.heads_a["16"](q[:, 0]).reshape(2, -1, 16))
         assert not torch.equal(sq(imgs)[key][0], plain(imgs)[key][0])
+
+
+def test_direct_lora_starts_at_zero_is_seeded_and_can_fix_its_down_projection():
+    targets = [hk.Target("a.weight", 6, 5), hk.Target("b.weight", 4, 7)]
+    m = hk.DirectLoRA(targets, 3, seed=1)
+    f = m(torch.zeros(1, 2, 3, 8, 8))                     # the inputs are ignored
+    assert {k: (tuple(b.shape), tuple(a.shape)) for k, (b, a) in f.items()} == {
+        "a.weight": ((1, 6, 3), (1, 3, 5)), "b.weight": ((1, 4, 3), (1, 3, 7))}
+    assert all(float(d.detach().abs().max()) == 0.0 for d in hk.deltas(f).values())    # ΔW = 0 before fitting
+    again, other = hk.DirectLoRA(targets, 3, seed=1), hk.DirectLoRA(targets, 3, seed=2)
+    assert torch.equal(again()["a.weight"][1], f["a.weight"][1])
+    assert not torch.equal(other()["a.weight"][1], f["a.weight"][1])
+    assert len(list(m.parameters())) == 4
+    fixed = hk.DirectLoRA(targets, 3, train_down=False, seed=1)
+    assert len(list(fixed.parameters())) == 2                                     # B only; A a buffer
+    assert torch.equal(fixed()["b.weight"][1], f["b.weight"][1])
+    assert set(fixed.state_dict()) == {"b.0", "b.1", "a0", "a1"}
+    sum(b.sum() for b, _a in fixed().values()).backward()
+    assert all(p.grad is not None for p in fixed.parameters())
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        hk.DirectLoRA(targets, 0)
+
+
+def test_delta_distance_is_the_relative_frobenius_distance_of_the_products():
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a.weight": (6, 5), "b.weight": (4, 9)}
+    pred = {k: (torch.randn(2, o, 3, generator=g), torch.randn(2, 3, i, generator=g)) for k, (o, i) in shapes.items()}
+    want = {k: (torch.randn(2, o, 2, generator=g), torch.randn(2, 2, i, generator=g)) for k, (o, i) in shapes.items()}
+    explicit = torch.stack([
+        sum(((pred[k][0][s] @ pred[k][1][s]) - (want[k][0][s] @ want[k][1][s])).square().sum() for k in shapes)
+        / sum((want[k][0][s] @ want[k][1][s]).square().sum() for k in shapes) for s in range(2)])
+    torch.testing.assert_close(hk.delta_distance(pred, want), explicit, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hk.delta_distance(want, want), torch.zeros(2), atol=1e-5, rtol=0)
+    zero = {k: (torch.zeros_like(b), a) for k, (b, a) in pred.items()}
+    torch.testing.assert_close(hk.delta_distance(zero, want), torch.ones(2))      # predicting ΔW = 0 scores 1
