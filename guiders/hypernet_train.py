@@ -38,6 +38,7 @@ fitted subjects held out to tell whether the mapping generalises.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -255,10 +256,7 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
     data = (DemoSubjects(subjects, resolution, seed, featurize=featurize) if source == "demo subjects"
             else FolderSubjects(folder, resolution, featurize=featurize))
     ms = model.get_model_object("model_sampling")
-    kind = _KIND.get(family_name(ms))
-    if kind is None:
-        raise hn_mod.HypernetError(f"{NODE}: the model predicts {family_name(ms)}; training supports EPS, "
-                                   "V-prediction and flow models")
+    kind = _prediction_kind(ms, NODE)
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode(False):
         if resume is not None:
@@ -279,11 +277,7 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
             if encoder_pretrain_steps > 0 else []
         if freeze_encoder:
             module.encoder.requires_grad_(False)
-        t = model.clone()
-        slots = {tg.key: _Slot() for tg in targets}
-        for key, slot in slots.items():
-            t.add_weight_wrapper(key, slot)
-        t.model.requires_grad_(False)
+        t, slots = _training_clone(model, targets)
         device = t.load_device
         probe_x = torch.zeros((1, *_latent(vae, model, torch.zeros(1, 3, resolution, resolution)).shape[1:]))
         conds = {c: tr.model_conds(t.model, clip, clip.tokenize(c), 1, device, probe_x, NODE)
@@ -370,19 +364,12 @@ def fit_lora(model, clip, vae, images: torch.Tensor, captions: list[str], *, lay
                                    f"{batch}, {learning_rate}")
     targets, fam = hn_mod.targets_for(model, layers, node=name), hn_mod.family(model)
     ms = model.get_model_object("model_sampling")
-    kind = _KIND.get(family_name(ms))
-    if kind is None:
-        raise hn_mod.HypernetError(f"{name}: the model predicts {family_name(ms)}; EPS, V-prediction and flow "
-                                   "models are supported")
+    kind = _prediction_kind(ms, name)
     data = ImageSet(images, captions)
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode(False):
         module = hk.DirectLoRA(targets, rank, train_down=train_down, seed=seed if down_seed is None else down_seed)
-        t = model.clone()
-        slots = {tg.key: _Slot() for tg in targets}
-        for key, slot in slots.items():
-            t.add_weight_wrapper(key, slot)
-        t.model.requires_grad_(False)
+        t, slots = _training_clone(model, targets)
         device = t.load_device
         probe_x = _latent(vae, model, images[:1].float())
         conds = {c: tr.model_conds(t.model, clip, clip.tokenize(c), 1, device, probe_x, name) for c in data.captions()}
@@ -457,7 +444,6 @@ def fit_demo_subjects(model, clip, vae, indices: list[int], *, layers: str, rank
 
 def save_fits(fits: dict, path: str | Path) -> Path:
     """Write a collection of `fit_demo_subjects` as safetensors (A|key, B|index|key; settings in the metadata)."""
-    import json
     path = Path(path)
     sd = {f"A|{k}": a.contiguous() for k, a in fits["A"].items()}
     for idx, bs in fits["B"].items():
@@ -467,7 +453,6 @@ def save_fits(fits: dict, path: str | Path) -> Path:
 
 
 def load_fits(path: str | Path) -> dict:
-    import json
     sd, meta = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
     if not meta or meta.get("format") != FITS_FORMAT:
         raise hn_mod.HypernetError(f"load_fits: {path} is not a collection of subject LoRA fits")
@@ -495,6 +480,10 @@ def regress_hypernet(net: hn_mod.Hypernet, fits: dict, *, steps: int, learning_r
     t0 = time.perf_counter()
     if net.module.reads_features:
         raise hn_mod.HypernetError("regress_hypernet: conv hypernetworks only (the demo subjects are rendered)")
+    unknown = sorted(set(fits["A"]) - {t.key for t in net.targets})
+    if unknown:
+        raise hn_mod.HypernetError(f"regress_hypernet: {len(unknown)} fitted weights are not the network's targets "
+                                   f"(e.g. {unknown[0]}); fit with the network's layers ({net.layers})")
     ids = sorted(fits["B"])
     n_held = int(round(len(ids) * held_out))
     train_ids, held_ids = ids[:len(ids) - n_held], ids[len(ids) - n_held:]
@@ -603,6 +592,25 @@ def pretrain_encoder(module: hk.HyperNetwork, data, steps: int, gen: torch.Gener
             pbar.update(1)
             comfy.model_management.throw_exception_if_processing_interrupted()
     return rows
+
+
+def _prediction_kind(ms, node: str) -> str:
+    """"eps", "v" or "flow" for the loss weights; a clear error for other predictions."""
+    kind = _KIND.get(family_name(ms))
+    if kind is None:
+        raise hn_mod.HypernetError(f"{node}: the model predicts {family_name(ms)}; training supports EPS, "
+                                   "V-prediction and flow models")
+    return kind
+
+
+def _training_clone(model, targets: list[hk.Target]) -> tuple:
+    """(a clone of `model` with a ΔW weight wrapper on every target, frozen; the wrappers {key: _Slot})."""
+    t = model.clone()
+    slots = {tg.key: _Slot() for tg in targets}
+    for key, slot in slots.items():
+        t.add_weight_wrapper(key, slot)
+    t.model.requires_grad_(False)
+    return t, slots
 
 
 def _latent(vae, model, images: torch.Tensor) -> torch.Tensor:

@@ -595,3 +595,6 @@ def test_weight_space_pretraining_on_fitted_subjects(ht, hn, demo_model, tmp_pat
     assert hist[-1][1] < 0.9 * hist[0][1], hist
     assert all(torch.equal(v, before[k]) for k, v in net.module.state_dict().items())
     assert all(not p.requires_grad for p in out.module.parameters())
+    bad = {**back, "A": {**back["A"], "diffusion_model.nowhere.weight": torch.zeros(2, 3)}}
+    with pytest.raises(Exception, match=r"regress_hypernet: 1 fitted weights are not the network's targets"):
+        ht.regress_hypernet(net, bad, steps=1)
