@@ -175,7 +175,8 @@ def main(argv=None) -> int:
         import tempfile
 
         import comfy.utils as cu
-        net = host.pack("guiders.hypernet").load(hpath)
+        hn = host.pack("guiders.hypernet")
+        net = hn.load(hpath)
         dm = host.pack("guiders.demo_model")
         ht = host.pack("guiders.hypernet_train")
         fit_model = dm.load_demo_model(dm.DEFAULT_PATH)
@@ -193,8 +194,7 @@ def main(argv=None) -> int:
                                                rank=net.module.config["rank"], steps=args.direct_fit,
                                                learning_rate=args.direct_lr, seed=s)
                 loras[count] = f"subject{s}_n{count}.safetensors"
-                cu.save_torch_file(host.pack("guiders.hypernet").lora_state_dict(factors),
-                                   str(lora_dir / loras[count]))
+                cu.save_torch_file(hn.lora_state_dict(factors), str(lora_dir / loras[count]))
                 per_row[row_name("direct", float(count))]["fit_seconds"] += fit["seconds"]
             for r, w in rows:
                 key = row_name(r, w)

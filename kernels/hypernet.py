@@ -214,7 +214,7 @@ class DirectLoRA(nn.Module):
         if rank < 1 or not targets:
             raise ValueError(f"rank must be >= 1 and there must be targets; got rank {rank}, {len(targets)} targets")
         g = torch.Generator().manual_seed(seed)
-        self.keys, self.rank, self.train_down = [t.key for t in targets], rank, train_down
+        self.keys = [t.key for t in targets]
         self.config = {"rank": rank, "image_size": 0}
         self.b = nn.ParameterList(nn.Parameter(torch.zeros(t.out_dim, rank)) for t in targets)
         downs = [torch.randn(rank, t.in_dim, generator=g) * t.in_dim ** -0.5 for t in targets]
@@ -249,13 +249,13 @@ def deltas(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], subject: int =
 def output_penalty(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Σ_l ‖B_l·A_l‖²_F, averaged over subjects (the output regularisation). Computed as tr((BᵀB)(AAᵀ)) without
     forming ΔW."""
-    total = None
-    for b, a in factors.values():
-        bb = b.float().transpose(1, 2) @ b.float()          # [S, r, r]
-        aa = a.float() @ a.float().transpose(1, 2)          # [S, r, r]
-        term = (bb * aa).sum(dim=(1, 2))
-        total = term if total is None else total + term
-    return total.mean()
+    return sum(_product_inner(b, a, b, a) for b, a in factors.values()).mean()
+
+
+def _product_inner(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
+    """⟨B1·A1, B2·A2⟩_F per subject [S] from r×r Gram products, Σ (B1ᵀB2) ⊙ (A1·A2ᵀ), without forming ΔW."""
+    b1, a1, b2, a2 = b1.float(), a1.float(), b2.float(), a2.float()
+    return ((b1.transpose(1, 2) @ b2) * (a1 @ a2.transpose(1, 2))).sum(dim=(1, 2))
 
 
 def delta_distance(factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -265,15 +265,12 @@ def delta_distance(factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
     differ), computed with r×r Gram products (ΔW is never formed): ‖X − Y‖² = ‖X‖² + ‖Y‖² − 2⟨X, Y⟩ and
     ⟨B̂Â, BA⟩ = Σ (B̂ᵀB) ⊙ (ÂAᵀ). The loss of weight-space pretraining on directly fitted LoRAs (HyperDreamBooth
     precedent; DESIGN here)."""
-    num = den = None
+    num = den = 0
     for key, (b, a) in target.items():
-        bh, ah = (t.float() for t in factors[key])
-        b, a = b.float(), a.float()
-        pred = ((bh.transpose(1, 2) @ bh) * (ah @ ah.transpose(1, 2))).sum(dim=(1, 2))
-        want = ((b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))).sum(dim=(1, 2))
-        cross = ((bh.transpose(1, 2) @ b) * (ah @ a.transpose(1, 2))).sum(dim=(1, 2))
-        d = pred + want - 2 * cross
-        num, den = (d, want) if num is None else (num + d, den + want)
+        bh, ah = factors[key]
+        want = _product_inner(b, a, b, a)
+        num = num + _product_inner(bh, ah, bh, ah) + want - 2 * _product_inner(bh, ah, b, a)
+        den = den + want
     return num / den.clamp_min(1e-30)
 
 
