@@ -211,6 +211,9 @@ def main(argv=None) -> int:
     finally:
         for name in q.BENCH_NODES:
             nodes.NODE_CLASS_MAPPINGS.pop(name, None)
+        if direct_n:
+            import shutil
+            shutil.rmtree(lora_dir, ignore_errors=True)
     # subject references: 16 ground-truth images per subject (other scenes than the samples' prompts)
     ref_feats, patterns = {}, {}
     for s in range(args.subjects):

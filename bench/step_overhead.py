@@ -18,6 +18,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -172,10 +173,14 @@ def resnet_classifier(host, depth: int, seed: int):
     import torchvision.models as tvm
     torch.manual_seed(seed)
     net = {18: tvm.resnet18, 50: tvm.resnet50}[depth](weights=None)
-    path = Path(tempfile.mkdtemp(prefix="gl-overhead-")) / f"resnet{depth}.safetensors"
-    safetensors.torch.save_file({k: v.float().contiguous() for k, v in net.state_dict().items()
-                                 if v.is_floating_point()}, str(path))
-    return host.pack("guiders.classifier").load_classifier(path)
+    folder = tempfile.mkdtemp(prefix="gl-overhead-")
+    path = Path(folder) / f"resnet{depth}.safetensors"
+    try:
+        safetensors.torch.save_file({k: v.float().contiguous() for k, v in net.state_dict().items()
+                                     if v.is_floating_point()}, str(path))
+        return host.pack("guiders.classifier").load_classifier(path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def sd_vae(host, seed: int):
