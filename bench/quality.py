@@ -56,6 +56,7 @@ if str(REPO) not in sys.path:                       # appended: ComfyUI's top-le
     sys.path.append(str(REPO))
 
 import host  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 SECTION = "quality"
@@ -735,7 +736,10 @@ def evaluate(configs: list[Config], prompts: list[Prompt], per_prompt: int, ref_
                 "fd": metrics.frechet_distance(feats, stats_a) if len(images) >= 2 else None,
                 "diversity": metrics.mean_pairwise_distance(feats[single], div_keys),
                 "saturation": metrics.mean_saturation(images), "clipped": metrics.clipped_fraction(images),
-                "n": len(images)}
+                "n": len(images),
+                # per image, for the paired bootstrap of the checks (left out of the JSON: see `public`)
+                "_feats": feats.detach().cpu().double().numpy(), "_correct": acc["correct"].numpy(),
+                "_single": single.numpy(), "_prompt": np.asarray(keys), "_real": stats_a}
 
     # real set B is laid out like the generated set (matched single-object combinations first, then pair scenes)
     real_keys = [p.combo for p in prompts for _ in range(per_prompt)]
@@ -1024,7 +1028,65 @@ def agd_checks(rows: list[dict]) -> list[str]:
             lines.append(f"- {r['label']} vs {base['label']}: "
                          + _vs(r, base, "attribute:points", "relation", "fd:ratio", "diversity", "nfe",
                                "s_per_image:ratio2") + ".")
+            boot = bootstrap_rows([base, r])
+            if boot is not None:
+                acc = 100 * (boot["attribute"][:, 1] - boot["attribute"][:, 0])
+                ratio = boot["fd"][:, 1] / boot["fd"][:, 0]
+                (a_lo, a_hi), (f_lo, f_hi) = np.quantile(acc, [0.05, 0.95]), np.quantile(ratio, [0.05, 0.95])
+                lines.append(f"  - Paired bootstrap over the prompts ({BOOTSTRAP_DRAWS} draws), 90 % intervals: "
+                             f"attribute accuracy difference [{a_lo:+.1f}, {a_hi:+.1f}] points (within 2 points "
+                             f"in {100 * float((acc >= -2).mean()):.0f} % of draws), Fréchet distance ratio "
+                             f"[×{f_lo:.3f}, ×{f_hi:.3f}].")
     return lines
+
+
+def public(row: dict) -> dict:
+    """A result row without its per-image arrays (the keys starting with "_")."""
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
+BOOTSTRAP_DRAWS = 400
+
+
+def bootstrap_rows(rows: list[dict], *, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> dict[str, np.ndarray] | None:
+    """Paired cluster bootstrap of the rows' Fréchet distances and attribute accuracies: {"fd", "attribute"}, each
+    [draws, len(rows)]. Each draw resamples the prompts with replacement (a prompt's images stay together: they share
+    its caption) and takes the same prompts in every row, as the rows themselves share prompts and seeds; Fréchet
+    distances are recomputed on the drawn images against the same real statistics. None when a row lacks its
+    per-image arrays or the rows were not made on the same prompts."""
+    from bench import metrics
+    if not rows or any("_feats" not in r for r in rows):
+        return None
+    prompt_of = rows[0]["_prompt"]
+    if any(len(r["_prompt"]) != len(prompt_of) or (r["_prompt"] != prompt_of).any() for r in rows):
+        return None
+    members = [np.nonzero(prompt_of == k)[0] for k in np.unique(prompt_of)]
+    rng = np.random.default_rng(seed)
+    out = {"fd": np.empty((draws, len(rows))), "attribute": np.empty((draws, len(rows)))}
+    for d in range(draws):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        for j, r in enumerate(rows):
+            out["fd"][d, j] = metrics.frechet_distance(r["_feats"][idx], r["_real"])
+            single = r["_single"][idx]
+            out["attribute"][d, j] = r["_correct"][idx][single].mean() if single.any() else np.nan
+    return out
+
+
+def bootstrap_spreads(first: list[dict], second: list[dict], *, draws: int = BOOTSTRAP_DRAWS,
+                      seed: int = 0) -> dict[str, np.ndarray] | None:
+    """Per draw of `bootstrap_rows` over both groups: spread (max − min) of `second` minus spread of `first`, for
+    Fréchet distance and attribute accuracy ({"fd", "attribute"}, each [draws])."""
+    boot = bootstrap_rows(first + second, draws=draws, seed=seed)
+    if boot is None:
+        return None
+    n = len(first)
+    return {k: np.ptp(v[:, n:], axis=1) - np.ptp(v[:, :n], axis=1) for k, v in boot.items()}
+
+
+def _bootstrap_line(name: str, diff: np.ndarray, unit: float, fmt: str) -> str:
+    lo, mid, hi = np.quantile(diff * unit, [0.05, 0.5, 0.95])
+    return (f"  - {name}: DiffIER's spread minus CFG's, median {mid:+{fmt}}, 90 % interval [{lo:+{fmt}}, "
+            f"{hi:+{fmt}}]; DiffIER's spread smaller in {100 * float((diff < 0).mean()):.0f} % of draws.")
 
 
 def diffier_checks(rows: list[dict]) -> list[str]:
@@ -1050,6 +1112,12 @@ def diffier_checks(rows: list[dict]) -> list[str]:
             verdict = "smaller" if spread[1] < spread[0] else "not smaller"
             lines.append(f"- Spread of {name} over cfg {scales}: CFG {fmt(spread[0])}, {tag} {fmt(spread[1])} "
                          f"({verdict}).")
+        boot = bootstrap_spreads(cfg, dif) if [r["scale"] for r in dif] == [r["scale"] for r in cfg] else None
+        if boot is not None:
+            lines.append(f"- How sure (paired bootstrap over the prompts, {BOOTSTRAP_DRAWS} draws, the same drawn "
+                         "prompts in every row):")
+            lines.append(_bootstrap_line("Fréchet distance", boot["fd"], 1.0, ".1f"))
+            lines.append(_bootstrap_line("attribute accuracy (points)", boot["attribute"], 100.0, ".1f"))
         twin = next((r for r in dif if r["scale"] == best["scale"]), None)
         if twin is not None:
             lines.append(f"- At CFG's best scale by Fréchet distance ({best['label']}): {twin['label']} vs it: "
@@ -1363,7 +1431,7 @@ def main(argv=None) -> int:
         raw = Path(args.json)
         raw.parent.mkdir(parents=True, exist_ok=True)
         raw.write_text(json.dumps({
-            "args": {k: v for k, v in vars(args).items()}, "info": info, "rows": rows,
+            "args": {k: v for k, v in vars(args).items()}, "info": info, "rows": [public(r) for r in rows],
             "prompts": [{"caption": p.caption, "kind": p.kind, "seed": p.seed} for p in prompts],
             "grid": {"path": str(grid), "columns": columns, "rows": ["real"] + [c.key for c in configs]},
             "runs": {c.key: {"nfe_per_image": c.nfe, "seconds": c.seconds} for c in configs}},

@@ -168,3 +168,83 @@ def test_bench_ag_default_is_the_nodes(quality):
     assert quality.DEFAULT_AG_THRESHOLD == adaptive.DEFAULT_THRESHOLD
     assert next(c for c in quality.all_configs(3.0) if c.key == "ag-5").label.endswith(
         f"(γ̄ {adaptive.DEFAULT_THRESHOLD:g})")
+
+
+def _boot_row(feats, correct, prompts, real, fd=0.0, attribute=0.0, scale=1.0, key="k"):
+    import numpy as np
+    return {"key": key, "scale": scale, "fd": fd, "attribute": attribute, "_feats": np.asarray(feats, float),
+            "_correct": np.asarray(correct, bool), "_single": np.ones(len(prompts), bool),
+            "_prompt": np.asarray(prompts), "_real": real}
+
+
+def test_bootstrap_spreads_known_answers(quality):
+    """Identical groups differ by exactly 0 in every draw; a group of identical rows has spread 0, so against a
+    group whose rows differ (one shifted far in feature space, one always wrong) its spread is smaller in every
+    draw; rows on other prompts are refused."""
+    import numpy as np
+
+    from bench import metrics
+    rng = np.random.default_rng(0)
+    prompts = np.repeat(np.arange(6), 4)
+    base = rng.normal(size=(24, 5))
+    real = metrics.feature_stats(rng.normal(size=(200, 5)))
+    right, wrong = np.ones(24), np.zeros(24)
+    varied = [_boot_row(base, right, prompts, real), _boot_row(base + 3.0, wrong, prompts, real)]
+    flat = [_boot_row(base, right, prompts, real), _boot_row(base, right, prompts, real)]
+    same = quality.bootstrap_spreads(varied, varied, draws=20)
+    assert np.all(same["fd"] == 0) and np.all(same["attribute"] == 0)
+    diff = quality.bootstrap_spreads(varied, flat, draws=20)
+    assert np.all(diff["fd"] < -10) and np.all(diff["attribute"] == -1.0)
+    other = [_boot_row(base, right, np.repeat(np.arange(1, 7), 4), real)] * 2
+    assert quality.bootstrap_spreads(varied, other, draws=5) is None
+    assert quality.bootstrap_spreads([quality.public(varied[0])], flat, draws=5) is None
+    lines = quality.diffier_checks([
+        {**_boot_row(base, right, prompts, real, fd=1.0, attribute=1.0, scale=w, key=f"cfg-{w:g}"),
+         "label": f"CFG {w:g}", "nfe": 40, "s_per_image": 1.0, "relation": None}
+        for w in quality.DIFFIER_SCALES] + [
+        {**_boot_row(base, right, prompts, real, fd=1.0, attribute=1.0, scale=w, key=f"diffier-{w:g}"),
+         "label": f"DiffIER {w:g}", "nfe": 60, "s_per_image": 1.0, "relation": None}
+        for w in quality.DIFFIER_SCALES])
+    assert any(line.startswith("  - Fréchet distance: DiffIER's spread minus CFG's, median +0.0") for line in lines)
+
+
+def test_bootstrap_rows_recompute_each_row(quality):
+    """Every draw of a row recomputes its own statistics: a row of always-right images reads 1.0 in every draw, a
+    row with the right half of its prompts right reads between 0 and 1 and averages near 0.5; the Fréchet distance
+    of a row whose features are the real set's own is the smallest in every draw."""
+    import numpy as np
+
+    from bench import metrics
+    rng = np.random.default_rng(1)
+    prompts = np.repeat(np.arange(10), 3)
+    real_feats = rng.normal(size=(30, 4))
+    real = metrics.feature_stats(real_feats)
+    half = (prompts % 2 == 0)
+    rows = [_boot_row(real_feats, np.ones(30), prompts, real), _boot_row(real_feats + 2.0, half, prompts, real)]
+    boot = quality.bootstrap_rows(rows, draws=200)
+    assert boot["fd"].shape == (200, 2) and boot["attribute"].shape == (200, 2)
+    assert np.all(boot["attribute"][:, 0] == 1.0)
+    assert 0.0 < boot["attribute"][:, 1].min() and boot["attribute"][:, 1].max() < 1.0
+    assert abs(boot["attribute"][:, 1].mean() - 0.5) < 0.05
+    assert np.all(boot["fd"][:, 0] < boot["fd"][:, 1])
+
+
+def test_agd_checks_report_a_paired_interval(quality):
+    """A distilled row identical to its CFG row: a difference of exactly 0 points and a ratio of exactly 1 in
+    every draw."""
+    import numpy as np
+
+    from bench import metrics
+    rng = np.random.default_rng(2)
+    prompts = np.repeat(np.arange(8), 2)
+    feats = rng.normal(size=(16, 4))
+    real = metrics.feature_stats(rng.normal(size=(40, 4)))
+    common = {"relation": None, "diversity": 1.0, "s_per_image": 1.0}
+    cfg = {**_boot_row(feats, np.ones(16), prompts, real, fd=2.0, attribute=1.0, scale=3, key="cfg-3"),
+           "label": "CFG 3", "nfe": 40, **common}
+    agd = {**_boot_row(feats, np.ones(16), prompts, real, fd=2.0, attribute=1.0, scale=3, key="agd-3"),
+           "label": "AGD 3", "nfe": 20, **common}
+    lines = quality.agd_checks([cfg, agd])
+    assert lines[0].startswith("- AGD 3 vs CFG 3:")
+    assert "attribute accuracy difference [+0.0, +0.0] points (within 2 points in 100 % of draws)" in lines[1]
+    assert "[×1.000, ×1.000]" in lines[1]
