@@ -33,6 +33,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -212,7 +213,6 @@ def main(argv=None) -> int:
         for name in q.BENCH_NODES:
             nodes.NODE_CLASS_MAPPINGS.pop(name, None)
         if direct_n:
-            import shutil
             shutil.rmtree(lora_dir, ignore_errors=True)
     # subject references: 16 ground-truth images per subject (other scenes than the samples' prompts)
     ref_feats, patterns = {}, {}
