@@ -265,6 +265,8 @@ def delta_distance(factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
     differ), computed with r×r Gram products (ΔW is never formed): ‖X − Y‖² = ‖X‖² + ‖Y‖² − 2⟨X, Y⟩ and
     ⟨B̂Â, BA⟩ = Σ (B̂ᵀB) ⊙ (ÂAᵀ). The loss of weight-space pretraining on directly fitted LoRAs (HyperDreamBooth
     precedent; DESIGN here)."""
+    if not target:
+        raise ValueError("delta_distance: no target factors (an empty layer set has no distance)")
     num = den = 0
     for key, (b, a) in target.items():
         bh, ah = factors[key]

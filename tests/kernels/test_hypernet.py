@@ -274,3 +274,5 @@ def test_delta_distance_is_the_relative_frobenius_distance_of_the_products():
     torch.testing.assert_close(hk.delta_distance(want, want), torch.zeros(2), atol=1e-5, rtol=0)
     zero = {k: (torch.zeros_like(b), a) for k, (b, a) in pred.items()}
     torch.testing.assert_close(hk.delta_distance(zero, want), torch.ones(2))      # predicting ΔW = 0 scores 1
+    with pytest.raises(ValueError, match="no target factors"):
+        hk.delta_distance(pred, {})
