@@ -43,6 +43,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--objective", choices=("paper", "relative"), default="relative",
                    help="training loss: the paper's ε-MSE, or the error relative to the guidance to add")
+    p.add_argument("--omega-gain", action="store_true",
+                   help="adapters whose output is multiplied by ω − 1 (Guidance Lab design; off = the paper's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-seed", type=int, default=None,
                    help="seed of the adapters' initialisation and batch order (default: --seed, which also seeds the "
@@ -86,8 +88,8 @@ def main(argv=None) -> dict:
         rounds = []
         if previous is not None:        # what earlier rounds did stays in the metadata
             rounds = previous.info.pop("rounds", []) + [dict(previous.info)]
-        adapter = trn.train_agd(model, data, hidden=args.hidden, features=args.features, steps=args.steps,
-                                batch_size=args.batch, learning_rate=args.lr,
+        adapter = trn.train_agd(model, data, hidden=args.hidden, features=args.features, omega_gain=args.omega_gain,
+                                steps=args.steps, batch_size=args.batch, learning_rate=args.lr,
                                 seed=args.seed if args.train_seed is None else args.train_seed,
                                 objective=args.objective, resume=previous,
                                 log=lambda line: log(f"{line} ({time.perf_counter() - t1:.0f} s)"))

@@ -90,7 +90,7 @@ def sites(model, *, node: str = NODE) -> dict[str, tuple[int, ...]]:
 
 
 def build_adapters(model, *, hidden: int = 320, features: int = 256, use_prompt: bool = True,
-                   time_token: bool = True, seed: int = 0, node: str = NODE) -> AGDAdapter:
+                   time_token: bool = True, omega_gain: bool = False, seed: int = 0, node: str = NODE) -> AGDAdapter:
     """Fresh (zero-output) adapters for every site of `model`, seeded (the global RNG is left as it was)."""
     fam, found = family(model), sites(model, node=node)
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
@@ -100,13 +100,15 @@ def build_adapters(model, *, hidden: int = 320, features: int = 256, use_prompt:
             if fam == "UNet":
                 mods[name] = ak.AttentionAdapter(dims[0], hidden=hidden, d_time=TIME_FEATURES if time_token else 0,
                                                  d_context=dims[1] if use_prompt else 0, seed=seed + i,
-                                                 features=features)
+                                                 features=features, omega_gain=omega_gain)
             else:
                 mods[name] = ak.AdditiveAdapter(dims[0], hidden=hidden, d_vec=dims[0] if time_token else 0,
-                                                seed=seed + i, features=features)
+                                                seed=seed + i, features=features, omega_gain=omega_gain)
         modules = torch.nn.ModuleDict(mods)
     config = {"kind": "attention" if fam == "UNet" else "additive", "hidden": hidden, "features": features,
               "use_prompt": bool(use_prompt and fam == "UNet"), "time_token": bool(time_token), "seed": seed}
+    if omega_gain:                      # files without the key are the paper's architecture
+        config["omega_gain"] = True
     return AGDAdapter(modules, fam, config, {k: list(v) for k, v in found.items()},
                       info={"model_class": type(model.model).__name__})
 
@@ -224,13 +226,16 @@ def _patch_unet(m, adapter: AGDAdapter, omega: float, strength: float) -> None:
             t_emb = time_features(extra_options, rows, n.device) if f.time is not None else None
             per_row = _row_omega(extra_options, rows, n.device)
             okv = f.omega_kv(per_row) if per_row is not None else f.constant_omega_kv(omega, rows)
+            gain = None
+            if f.omega_gain:
+                gain = ak.omega_gain(per_row) if per_row is not None else float(omega) - 1.0
             pkv = None
             if f.prompt is not None:
                 gen, cached = prompt_generation(context), prompt_kv.get(name)
                 if cached is None or cached[0] != gen or cached[1] is not f:
                     cached = prompt_kv[name] = (gen, f, f.prompt_kv(context))
                 pkv = cached[2]
-            out = f(h, f.kv(okv, t_emb, prompt_kv=pkv) if pkv is not None else f.kv(okv, t_emb))
+            out = f(h, f.kv(okv, t_emb, prompt_kv=pkv) if pkv is not None else f.kv(okv, t_emb), gain=gain)
         return n + (out if strength == 1.0 else strength * out).to(n.dtype)
 
     m.set_model_attn2_patch(keep)
@@ -293,16 +298,18 @@ def load(path: str | Path, *, node: str = "GL_AGDLoader") -> AGDAdapter:
                        f"{(meta or {}).get('format')!r}); pick a file written by GL_AGDTrain")
     config, site_dims = json.loads(meta["config"]), json.loads(meta["sites"])
     fam = meta["family"]
+    gain = bool(config.get("omega_gain", False))
     with torch.inference_mode(False):
         mods = {}
         for name, dims in site_dims.items():
             if config["kind"] == "attention":
                 mods[name] = ak.AttentionAdapter(dims[0], hidden=config["hidden"], features=config["features"],
                                                  d_time=TIME_FEATURES if config["time_token"] else 0,
-                                                 d_context=dims[1] if config["use_prompt"] else 0)
+                                                 d_context=dims[1] if config["use_prompt"] else 0,
+                                                 omega_gain=gain)
             else:
                 mods[name] = ak.AdditiveAdapter(dims[0], hidden=config["hidden"], features=config["features"],
-                                                d_vec=dims[0] if config["time_token"] else 0)
+                                                d_vec=dims[0] if config["time_token"] else 0, omega_gain=gain)
         modules = torch.nn.ModuleDict(mods)
         missing, unexpected = modules.load_state_dict(sd, strict=False)
     if missing or unexpected:

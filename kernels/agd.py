@@ -13,6 +13,10 @@ Pieces (pure torch, no ComfyUI import):
     AdditiveAdapter    the "additive" adapter (the authors' DiT type): e = ψ(ω) (+ a projection of the block's
                        conditioning vector, which carries the time) → SiLU → zero-initialised linear → one offset
                        vector added to every token.
+    omega_gain         ω − 1 per sample: the factor an adapter built with `omega_gain=True` multiplies its output by
+                       (Guidance Lab design, not the paper's). CFG is D_c + (ω − 1)·(D_c − D_u), so the correction
+                       to learn grows linearly with ω − 1 and vanishes at ω = 1; a gained adapter has that shape
+                       built in and learns only what multiplies it.
     timestep_features  sinusoidal features of the model timestep (what the time token projects).
     cfg_target         the teacher: D_u + ω·(D_c − D_u), per sample.
     distill_loss       mean((D_s − D_t)²·α²/σ²) per sample over all non-batch dims = the paper's ε-MSE written in
@@ -70,9 +74,10 @@ class AttentionAdapter(nn.Module):
     tokens [B, T, d_context]."""
 
     def __init__(self, d_in: int, *, hidden: int = 320, d_time: int = 0, d_context: int = 0, seed: int = 0,
-                 features: int = 256):
+                 features: int = 256, omega_gain: bool = False):
         super().__init__()
         self.hidden = hidden
+        self.omega_gain = bool(omega_gain)
         self.omega = OmegaEmbedding(hidden, features=features, seed=seed)
         self.time = nn.Linear(d_time, hidden) if d_time else None
         self.prompt = nn.Linear(d_context, hidden) if d_context else None
@@ -103,7 +108,10 @@ class AttentionAdapter(nn.Module):
         seq = self.tokens(omega, time_emb, context)
         q = self.q(h.float())
         att = F.scaled_dot_product_attention(q[:, None], self.k(seq)[:, None], self.v(seq)[:, None])[:, 0]
-        return self.out(att).to(h.dtype)
+        out = self.out(att)
+        if self.omega_gain:
+            out = out * omega_gain(omega).to(out.device).reshape(-1, 1, 1)
+        return out.to(h.dtype)
 
 
 class FoldedAttention:
@@ -123,6 +131,7 @@ class FoldedAttention:
         with torch.no_grad():
             hid = a.hidden
             self.hidden, self.device = hid, dev
+            self.omega_gain = a.omega_gain
             self._params = list(a.parameters())
             self.version = _versions(self._params)
             wkv = torch.cat([a.k.weight * hid ** -0.5, a.v.weight]).float().to(dev)
@@ -183,9 +192,13 @@ class FoldedAttention:
             parts.append(prompt_kv if prompt_kv is not None else self.prompt_kv(context))
         return torch.cat(parts, dim=1)
 
-    def __call__(self, h: torch.Tensor, kv: torch.Tensor, *, matmul_softmax: bool | None = None) -> torch.Tensor:
-        """The adapter's residual for hidden states h [B, N, d_in] given kv from `kv` (h's dtype). matmul_softmax:
-        attention as matmuls + softmax (default on CPU) or through SDPA (default elsewhere)."""
+    def __call__(self, h: torch.Tensor, kv: torch.Tensor, *, gain: torch.Tensor | float | None = None,
+                 matmul_softmax: bool | None = None) -> torch.Tensor:
+        """The adapter's residual for hidden states h [B, N, d_in] given kv from `kv` (h's dtype). gain: the rows'
+        `omega_gain(ω)` [B] (or one number for all rows), required when the adapter was built with omega_gain.
+        matmul_softmax: attention as matmuls + softmax (default on CPU) or through SDPA (default elsewhere)."""
+        if self.omega_gain and gain is None:
+            raise ValueError("this adapter scales its output by ω − 1; pass gain=omega_gain(ω)")
         hid = self.hidden
         q = F.linear(h.float(), *self.q)
         k, v = kv[..., :hid], kv[..., hid:]
@@ -193,7 +206,10 @@ class FoldedAttention:
             att = torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1), v)
         else:
             att = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=1.0)[:, 0]
-        return F.linear(att, *self.out).to(h.dtype)
+        out = F.linear(att, *self.out)
+        if self.omega_gain:
+            out = out * (gain.to(out.device, out.dtype).reshape(-1, 1, 1) if torch.is_tensor(gain) else float(gain))
+        return out.to(h.dtype)
 
 
 def _versions(params: list) -> tuple:
@@ -212,9 +228,11 @@ class AdditiveAdapter(nn.Module):
     """Residual offset of one DiT block: offset = W_o·SiLU(ψ(ω) + W_v·vec) (W_o = 0 at start), the same vector
     for every token. vec: the block's conditioning vector [B, d_vec] (time, pooled text, guidance embedding)."""
 
-    def __init__(self, d_out: int, *, hidden: int = 256, d_vec: int = 0, seed: int = 0, features: int = 256):
+    def __init__(self, d_out: int, *, hidden: int = 256, d_vec: int = 0, seed: int = 0, features: int = 256,
+                 omega_gain: bool = False):
         super().__init__()
         self.hidden = hidden
+        self.omega_gain = bool(omega_gain)
         self.omega = OmegaEmbedding(hidden, features=features, seed=seed)
         self.vec = nn.Linear(d_vec, hidden) if d_vec else None
         self.out = nn.Linear(hidden, d_out)
@@ -228,7 +246,13 @@ class AdditiveAdapter(nn.Module):
             if vec is None:
                 raise ValueError("this adapter reads the block's conditioning vector; pass vec")
             e = e + self.vec(vec.float())
-        return self.out(F.silu(e))
+        out = self.out(F.silu(e))
+        return out * omega_gain(omega).to(out.device).reshape(-1, 1) if self.omega_gain else out
+
+
+def omega_gain(omega: torch.Tensor) -> torch.Tensor:
+    """ω − 1 per sample (float32): zero at ω = 1, where CFG is the conditional prediction itself."""
+    return omega.float().reshape(-1) - 1.0
 
 
 def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -140,6 +140,11 @@ class AGDTrain(io.ComfyNode):
                     "Lab design: each sample's error divided by the guidance it has to add (‖D_cfg − D_cond‖²; one "
                     "extra forward without gradients: about 1.7× the time per step on the demo model), so small ω "
                     "and high noise levels are learnt too; the ε-MSE is ruled by large ω and the last steps.")),
+                io.Boolean.Input("omega_gain", default=False, tooltip=(
+                    "Off = the paper's adapters. On = Guidance Lab design, not the paper's: each adapter's output is "
+                    "multiplied by ω − 1. CFG is D_cond + (ω − 1)·(D_cond − D_uncond): the correction grows with "
+                    "ω − 1 and is zero at ω = 1, so gained adapters are exactly the base model at ω = 1 and only "
+                    "learn what multiplies ω − 1 (no extra parameters or cost). Ignored when resuming.")),
                 AdapterType.Input("resume", optional=True, tooltip=(
                     "Continue training these adapters (their architecture is kept; hidden etc. are ignored).")),
             ],
@@ -157,9 +162,9 @@ class AGDTrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, data, hidden, fourier_features, use_prompt, time_token, steps, batch_size,
                 learning_rate, warmup, seed, checkpoint_every, filename_prefix, save_to="gl_agd",
-                objective="paper", resume=None) -> io.NodeOutput:
+                objective="paper", omega_gain=False, resume=None) -> io.NodeOutput:
         adapter = tr.train_agd(model, data, hidden=hidden, features=fourier_features, use_prompt=use_prompt,
-                               time_token=time_token, steps=steps, batch_size=batch_size,
+                               time_token=time_token, omega_gain=omega_gain, steps=steps, batch_size=batch_size,
                                learning_rate=learning_rate, warmup=warmup, seed=seed, objective=objective,
                                checkpoint_every=checkpoint_every, checkpoint_prefix="agd/checkpoint", resume=resume)
         history = adapter.info["loss_history"]

@@ -190,6 +190,45 @@ def test_inference_runs_the_folded_adapters_with_the_modules_outputs(agd, demo_m
     assert not torch.allclose(predict(m, False), folded, atol=1e-3)
 
 
+def test_gained_adapters_vanish_at_omega_one_and_run_alike_in_every_form(agd, demo_model, text_model, tmp_path):
+    """omega_gain (Guidance Lab design): the residual is multiplied by ω − 1, so at ω = 1 the adapted model is the
+    base model whatever the weights; the folded inference form, the training form and a reloaded file agree."""
+    import comfy.samplers
+    patcher, clip, _vae = demo_model
+    adapter = _randomise(agd.build_adapters(patcher, hidden=32, features=16, omega_gain=True), std=0.2)
+    adapter.modules.requires_grad_(False)
+    assert adapter.config["omega_gain"] is True
+    assert "omega_gain" not in agd.build_adapters(patcher, hidden=8, features=4).config   # the paper's architecture
+    g = torch.Generator().manual_seed(4)
+    x, sigma = torch.randn(2, 3, 16, 16, generator=g) * 3.0, torch.tensor([3.0, 3.0])
+
+    def predict(m, grad=False):
+        guider = comfy.samplers.CFGGuider(m)
+        guider.set_conds(encode(clip, "a red circle"), encode(clip, ""))
+        guider.set_cfg(1.0)
+        return _predict(guider, x, sigma, grad=grad).detach()
+    base = predict(patcher)
+    assert torch.equal(predict(agd.apply_adapters(patcher, adapter, 1.0)), base)
+    five = agd.apply_adapters(patcher, adapter, 5.0)
+    folded = predict(five)
+    assert (folded - base).abs().max() > 1e-2
+    torch.testing.assert_close(predict(five, True), folded, atol=1e-4, rtol=1e-4)
+    rows = agd.apply_adapters(patcher, adapter, 5.0)
+    rows.model_options["transformer_options"]["guidance_lab"] = {"agd_omega": torch.tensor([1.0, 5.0])}
+    for grad in (False, True):
+        got = predict(rows, grad)
+        torch.testing.assert_close(got[0], base[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], folded[1], atol=1e-4, rtol=1e-4)
+    back = agd.load(agd.save(adapter, tmp_path / "gained.safetensors"))
+    assert back.config == adapter.config and torch.equal(predict(agd.apply_adapters(patcher, back, 5.0)), folded)
+    flux, fclip = text_model("flux")
+    pos, neg = encode(fclip, "a red circle"), encode(fclip, "")
+    dit = _randomise(agd.build_adapters(flux, hidden=16, features=16, omega_gain=True), std=0.2)
+    fbase = run(flux, pos, neg, 1.0, batch=2, steps=3)
+    assert torch.equal(run(agd.apply_adapters(flux, dit, 1.0), pos, neg, 1.0, batch=2, steps=3), fbase)
+    assert not torch.allclose(run(agd.apply_adapters(flux, dit, 4.0), pos, neg, 1.0, batch=2, steps=3), fbase)
+
+
 def test_the_prompt_keys_kept_between_calls_follow_the_prompt(agd, demo_model):
     """The prompt tokens' keys/values are kept while the prompt stays the same (checked by value once per call on
     CPU); a new prompt, or a batch of two prompts, on the same patched model gives what a fresh one gives."""

@@ -172,3 +172,39 @@ def test_folded_attention_goes_stale_when_the_parameters_change():
     assert f.stale() and not agd.FoldedAttention(ad).stale()
     with pytest.raises(ValueError, match="pass time_emb"):
         f.kv(f.omega_kv(torch.ones(2)), None, torch.randn(2, 3, 4))
+
+
+def test_omega_gain_scales_the_output_by_omega_minus_one_in_every_form():
+    torch.manual_seed(0)
+    plain = agd.AttentionAdapter(24, hidden=16, d_time=8, d_context=12)
+    gained = agd.AttentionAdapter(24, hidden=16, d_time=8, d_context=12, omega_gain=True)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(std=0.3)
+    gained.load_state_dict(plain.state_dict())         # the same parameters: the gain adds none
+    h, t, c = torch.randn(4, 10, 24), torch.randn(4, 8), torch.randn(4, 5, 12)
+    w = torch.tensor([1.0, 3.0, 7.5, 12.0])
+    want = plain(h, w, t, c) * (w - 1).reshape(-1, 1, 1)
+    got = gained(h, w, t, c)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert torch.count_nonzero(got[0]) == 0 and torch.count_nonzero(got[1]) > 0      # ω = 1: exactly CFG's cond term
+    torch.testing.assert_close(agd.omega_gain(w), torch.tensor([0.0, 2.0, 6.5, 11.0]))
+    f = agd.FoldedAttention(gained)
+    kv = f.kv(f.omega_kv(w), t, c)
+    for manual in (True, False):
+        torch.testing.assert_close(f(h, kv, gain=agd.omega_gain(w), matmul_softmax=manual), want, atol=1e-5,
+                                   rtol=1e-5)
+    same = torch.full((4,), 5.0)                        # one ω for every row: the gain may be a number
+    torch.testing.assert_close(f(h, f.kv(f.omega_kv(same), t, c), gain=4.0), gained(h, same, t, c), atol=1e-5,
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="pass gain"):
+        f(h, kv)
+    # the additive (DiT) adapter
+    add_plain, add_gained = agd.AdditiveAdapter(20, hidden=16, d_vec=12), agd.AdditiveAdapter(20, hidden=16, d_vec=12,
+                                                                                            omega_gain=True)
+    with torch.no_grad():
+        add_plain.out.weight.normal_(std=0.3)
+    add_gained.load_state_dict(add_plain.state_dict())
+    vec = torch.randn(4, 12)
+    torch.testing.assert_close(add_gained(w, vec), add_plain(w, vec) * (w - 1)[:, None], atol=1e-6, rtol=1e-6)
+    assert torch.count_nonzero(add_gained(w, vec)[0]) == 0
