@@ -688,6 +688,19 @@ def weights_first(dm, path: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def adapter_info(path: Path) -> dict:
+    """What the AGD rows ran: the adapter file's hash, architecture and the command that trained it."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    config, trained = json.loads(meta.get("config", "{}")), json.loads(meta.get("info", "{}"))
+    return {"path": str(path.resolve().relative_to(REPO)), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
+            "mb": path.stat().st_size / 1e6, "hidden": config.get("hidden"), "features": config.get("features"),
+            "omega_gain": bool(config.get("omega_gain", False)), "parameters": trained.get("parameters"),
+            "steps": trained.get("steps"), "objective": trained.get("objective"), "command": trained.get("command"),
+            "rounds": len(trained.get("rounds", [])) + 1}
+
+
 def weights_info(path: Path) -> dict:
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
@@ -1149,6 +1162,11 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
         f"{w['device']}" + (f", {w['train_seconds'] / 60:.0f} min" if w.get("train_seconds") else "")
         + (" (stopped early by its time budget)" if w.get("stopped_early") else "")
         + f", trained at commit {w['git_commit']}.",
+        *([f"- AGD adapter: `{a['path']}` ({a['mb']:.1f} MB, sha256 {a['sha256']}…): {a['parameters']:,} parameters, "
+           f"d_h {a['hidden']}, {a['features']} Fourier features, "
+           + ("output × (ω − 1) (`omega_gain`), " if a["omega_gain"] else "the paper's adapter (no `omega_gain`), ")
+           + f"{a['steps']} steps on the {a['objective']} objective in {a['rounds']} round(s), the last by "
+           f"`{a['command']}`."] if (a := info.get("agd_adapter")) else []),
         f"- Graphs (executed in-process with `execution.PromptExecutor`, as the server runs a queued prompt): "
         f"`GL_DemoModelLoader` → `CLIPTextEncode` (prompt; negative \"\") → `KSampler` (euler, normal, {args.steps} "
         f"steps) → `VAEDecode`; APG: `GL_APG` (eta 0, norm_threshold {args.apg_threshold:g}, momentum −0.5, window "
@@ -1394,6 +1412,8 @@ def main(argv=None) -> int:
             if any(c.calibrated for c in configs):
                 info["calibration"] = calibrate(host, weights, args.steps)
                 print(f"LinearAG calibration {info['calibration']['seconds']:.1f} s", flush=True)
+            if any(c.method == "agd" for c in configs):
+                info["agd_adapter"] = adapter_info(REPO / "demo" / "weights" / "demo_agd.safetensors")
             t = time.perf_counter()
             runner.run(build_graph(configs[0], prompts[0], 1, 1, args.apg_threshold,    # warm-up: loads the model
                                    args.ag_threshold))

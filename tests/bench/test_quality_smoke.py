@@ -248,3 +248,32 @@ def test_agd_checks_report_a_paired_interval(quality):
     assert lines[0].startswith("- AGD 3 vs CFG 3:")
     assert "attribute accuracy difference [+0.0, +0.0] points (within 2 points in 100 % of draws)" in lines[1]
     assert "[×1.000, ×1.000]" in lines[1]
+
+
+def test_adapter_info_records_what_the_agd_rows_ran(quality, tmp_path):
+    """The AGD rows' adapter line: hash, architecture (omega_gain or the paper's adapter), parameters and command,
+    read from the file itself."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    path = tmp_path / "a.safetensors"
+    tensors = {"s.out.weight": torch.zeros(4, 3), "s.out.bias": torch.zeros(4)}
+    meta = {"config": json.dumps({"hidden": 3, "features": 2, "omega_gain": True}),
+            "info": json.dumps({"parameters": 16, "steps": 7, "objective": "relative", "command": "python x.py",
+                                "rounds": [{}]})}
+    save_file(tensors, str(path), metadata=meta)
+    quality.REPO = tmp_path                              # shown relative to the repository root
+    try:
+        a = quality.adapter_info(path)
+    finally:
+        quality.REPO = REPO
+    assert a["path"] == "a.safetensors" and len(a["sha256"]) == 16 and a["omega_gain"] is True
+    assert (a["hidden"], a["features"], a["parameters"], a["steps"], a["rounds"]) == (3, 2, 16, 7, 2)
+    meta["config"] = json.dumps({"hidden": 3, "features": 2})
+    save_file(tensors, str(path), metadata=meta)
+    quality.REPO = tmp_path
+    try:
+        assert quality.adapter_info(path)["omega_gain"] is False          # files without the key: the paper's
+    finally:
+        quality.REPO = REPO
