@@ -149,6 +149,7 @@ class FoldedAttention:
             self._constant: dict[tuple, torch.Tensor] = {}
             self.q = (a.q.weight.float().to(dev), a.q.bias.float().to(dev))
             self.out = (a.out.weight.float().to(dev), a.out.bias.float().to(dev))
+            self._gained_out: dict[float, tuple] = {}      # output maps with a constant gain folded in
 
     def stale(self) -> bool:
         """True once the adapter's parameters were updated or moved after folding (then fold again)."""
@@ -206,9 +207,14 @@ class FoldedAttention:
             att = torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1), v)
         else:
             att = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=1.0)[:, 0]
+        if self.omega_gain and not torch.is_tensor(gain):       # one gain for all rows: folded into W_o, b_o
+            maps = self._gained_out.get(float(gain))
+            if maps is None:
+                maps = self._gained_out[float(gain)] = (self.out[0] * float(gain), self.out[1] * float(gain))
+            return F.linear(att, *maps).to(h.dtype)
         out = F.linear(att, *self.out)
         if self.omega_gain:
-            out = out * (gain.to(out.device, out.dtype).reshape(-1, 1, 1) if torch.is_tensor(gain) else float(gain))
+            out = out * gain.to(out.device, out.dtype).reshape(-1, 1, 1)
         return out.to(h.dtype)
 
 
