@@ -105,7 +105,8 @@ class AGDTrain(io.ComfyNode):
                 f"Step 2 of {PAPER}: trains small guidance-conditioned adapters, base model frozen, so that ONE "
                 "conditional forward pass at scale ω reproduces the recorded CFG prediction (loss: the family's own "
                 "output MSE — ε-MSE on EPS models as in the paper, velocity MSE on flow models; objective 'relative' "
-                "is Guidance Lab's design: the error relative to the guidance to add). The adapters "
+                "is Guidance Lab's design: the error relative to the guidance to add; so is omega_gain, adapters whose "
+                "output is multiplied by ω − 1). The adapters "
                 "start at zero (= the base model). AdamW, 10 % warm-up then cosine decay (the authors' recipe: "
                 "lr 1e-4, batch 64, 5000 steps). Every 20th trajectory is held out; the text output shows the "
                 "held-out loss. " + PLACEMENT + " Progress bar; interruptible; checkpoints to the output folder; the "
@@ -140,11 +141,12 @@ class AGDTrain(io.ComfyNode):
                     "Lab design: each sample's error divided by the guidance it has to add (‖D_cfg − D_cond‖²; one "
                     "extra forward without gradients: about 1.7× the time per step on the demo model), so small ω "
                     "and high noise levels are learnt too; the ε-MSE is ruled by large ω and the last steps.")),
-                io.Boolean.Input("omega_gain", default=False, tooltip=(
+                io.Boolean.Input("omega_gain", default=False, optional=True, tooltip=(
                     "Off = the paper's adapters. On = Guidance Lab design, not the paper's: each adapter's output is "
                     "multiplied by ω − 1. CFG is D_cond + (ω − 1)·(D_cond − D_uncond): the correction grows with "
                     "ω − 1 and is zero at ω = 1, so gained adapters are exactly the base model at ω = 1 and only "
-                    "learn what multiplies ω − 1 (no extra parameters or cost). Ignored when resuming.")),
+                    "learn what multiplies ω − 1 (no extra parameters or cost). Ignored when resuming. Optional, so "
+                    "graphs saved before it existed still run.")),
                 AdapterType.Input("resume", optional=True, tooltip=(
                     "Continue training these adapters (their architecture is kept; hidden etc. are ignored).")),
             ],
