@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -94,6 +94,7 @@ class Config:
     calibrated: bool = False         # LinearAG: coefficients fitted by GL_LinearAGCalibrate's code (see calibrate)
     region: str = "mask"             # multi-condition: regional prompts by "mask" (whole image) or "area" (crop)
     diffier: tuple = (1, 0.5, 0.0, 0.5)  # DiffIER: iterations, step size, window start and end
+    adapter: str = "demo_agd.safetensors"  # AGD: the adapter file GL_AGDLoader loads (--agd-adapter)
     images: list = field(default_factory=list)      # [B, 3, 32, 32] per prompt, in prompt order
     nfe: list = field(default_factory=list)         # UNet rows per image, per prompt
     seconds: list = field(default_factory=list)     # graph wall time per prompt
@@ -495,7 +496,7 @@ def build_graph(cfg: Config, prompt: Prompt, batch: int, steps: int, apg_thresho
         g["7"] = {"class_type": "GL_DynamicCFG", "inputs": inputs}
         model = ["7", 0]
     if cfg.method == "agd":
-        g["12"] = {"class_type": "GL_AGDLoader", "inputs": {"adapter": "demo_agd.safetensors"}}
+        g["12"] = {"class_type": "GL_AGDLoader", "inputs": {"adapter": cfg.adapter}}
         g["7"] = {"class_type": "GL_AGDApply", "inputs": {
             "model": model, "adapter": ["12", 0], "guidance_scale": cfg.scale, "strength": 1.0}}
         _ksampler(g, ["7", 0], prompt, steps, 1.0, ["3", 0])
@@ -688,13 +689,33 @@ def weights_first(dm, path: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def candidate_adapter(host, path: Path):
+    """GL_AGDLoader finds `path` by its name while the run lasts: its folder goes first in folder_paths' gl_agd list
+    (so a candidate named like the shipped file wins over it); the list and its cache are restored afterwards."""
+    import folder_paths
+    host.pack("guiders.agd").folders()                  # the default entry exists before one is added in front
+    folder = str(path.resolve().parent)
+    before = folder_paths.get_folder_paths("gl_agd")
+    folder_paths.add_model_folder_path("gl_agd", folder, is_default=True)
+    try:
+        yield
+    finally:
+        folder_paths.folder_names_and_paths["gl_agd"][0][:] = before
+        folder_paths.filename_list_cache.pop("gl_agd", None)
+
+
 def adapter_info(path: Path) -> dict:
     """What the AGD rows ran: the adapter file's hash, architecture and the command that trained it."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
     config, trained = json.loads(meta.get("config", "{}")), json.loads(meta.get("info", "{}"))
-    return {"path": str(path.resolve().relative_to(REPO)), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
+    try:
+        shown = str(path.resolve().relative_to(REPO))
+    except ValueError:                                  # a candidate outside the repository (--agd-adapter)
+        shown = str(path.resolve())
+    return {"path": shown, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
             "mb": path.stat().st_size / 1e6, "hidden": config.get("hidden"), "features": config.get("features"),
             "omega_gain": bool(config.get("omega_gain", False)), "parameters": trained.get("parameters"),
             "steps": trained.get("steps"), "objective": trained.get("objective"), "command": trained.get("command"),
@@ -1198,9 +1219,9 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
            f"{info.get('calibration', {}).get('seconds', 0):.0f} s, not counted in the rows) and handed to "
            "`GL_LinearAG` (τ 0.05, first half) by a bench-only source node" if any(c.calibrated for c in configs)
            else "")
-        + ("; AGD: `GL_AGDLoader` (demo_agd.safetensors, trained by `python demo/train_agd.py` on CFG trajectories "
-           "of training captions) → `GL_AGDApply` (guidance_scale ω, strength 1) before a KSampler at cfg 1"
-           if any(c.method == "agd" for c in configs) else "")
+        + (f"; AGD: `GL_AGDLoader` ({agd[0].adapter}, trained on CFG trajectories of training captions: see the AGD "
+           "adapter line) → `GL_AGDApply` (guidance_scale ω, strength 1) before a KSampler at cfg 1"
+           if (agd := [c for c in configs if c.method == "agd"]) else "")
         + ("; DiffIER: `CFGGuider` (cfg) + `GL_SamplerDiffIER` (euler base, 1 iteration, step size 0.5, tolerance "
            "1e-3, window 0–0.5) + `BasicScheduler` + `RandomNoise` (the prompt's seed) → `SamplerCustomAdvanced`"
            if any(c.method == "diffier" for c in configs) else "")
@@ -1313,6 +1334,8 @@ def parse_args(argv=None):
     ap.add_argument("--ag-threshold", type=float, default=DEFAULT_AG_THRESHOLD,
                     help="GL_AdaptiveGuidance threshold γ̄ of the ag-* rows (default %(default)s, the node default)")
     ap.add_argument("--seed", type=int, default=0, help="seed of prompt 0 (prompt k uses seed + k)")
+    ap.add_argument("--agd-adapter", default=None,
+                    help="AGD rows: this adapter file instead of the shipped demo_agd.safetensors (a candidate)")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"),
                     help="Markdown file whose `quality` section is (re)written (default: BENCHMARKS.md)")
     ap.add_argument("--grid", default=None, help="comparison grid PNG (configurations × prompts) (default: "
@@ -1343,6 +1366,8 @@ def parse_args(argv=None):
     stem = "quality" if args.section == SECTION else args.section
     args.grid = args.grid or str(BENCH_DIR / "results" / f"{stem}_grid.png")
     args.json = args.json or str(BENCH_DIR / "results" / f"{stem}.json")
+    if args.agd_adapter and not (Path(args.agd_adapter).is_file() and args.agd_adapter.endswith(".safetensors")):
+        ap.error(f"--agd-adapter {args.agd_adapter!r} is not a .safetensors file")
     standard = [c.key for c in all_configs(args.apg_threshold)]
     known = standard + [c.key for c in extra_configs()]
     args.config_keys = standard if args.configs == "all" else [k.strip() for k in args.configs.split(",") if k.strip()]
@@ -1404,7 +1429,7 @@ def main(argv=None) -> int:
         info = {"weights": weights_info(weights)}
         print(f"{len(configs)} configurations × {len(prompts)} prompts × {args.per_prompt} images, {args.steps} "
               f"steps; weights {info['weights']['path']}; {torch.get_num_threads()} threads", flush=True)
-        with weights_first(dm, weights):
+        with weights_first(dm, weights), contextlib.ExitStack() as stack:
             found = dm.find_checkpoint("demo_model")
             if found is None or found.resolve() != weights.resolve():
                 raise RuntimeError(f"GL_DemoModelLoader would load {found}, not {weights}")
@@ -1413,7 +1438,13 @@ def main(argv=None) -> int:
                 info["calibration"] = calibrate(host, weights, args.steps)
                 print(f"LinearAG calibration {info['calibration']['seconds']:.1f} s", flush=True)
             if any(c.method == "agd" for c in configs):
-                info["agd_adapter"] = adapter_info(REPO / "demo" / "weights" / "demo_agd.safetensors")
+                adapter = Path(args.agd_adapter) if args.agd_adapter else REPO / "demo" / "weights" / \
+                    "demo_agd.safetensors"
+                info["agd_adapter"] = adapter_info(adapter)
+                if args.agd_adapter:
+                    stack.enter_context(candidate_adapter(host, adapter))
+                    configs = [replace(c, adapter=adapter.name, label=c.label.replace("demo_agd", adapter.stem))
+                               if c.method == "agd" else c for c in configs]
             t = time.perf_counter()
             runner.run(build_graph(configs[0], prompts[0], 1, 1, args.apg_threshold,    # warm-up: loads the model
                                    args.ag_threshold))

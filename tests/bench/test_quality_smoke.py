@@ -277,3 +277,29 @@ def test_adapter_info_records_what_the_agd_rows_ran(quality, tmp_path):
         assert quality.adapter_info(path)["omega_gain"] is False          # files without the key: the paper's
     finally:
         quality.REPO = REPO
+
+
+def test_agd_rows_can_run_a_candidate_adapter(quality, weights, tmp_path):
+    """--agd-adapter: GL_AGDLoader loads the candidate file for the AGD rows (named in the row and the adapter line,
+    hashed from that file), and the host's gl_agd folder list is as it was afterwards."""
+    import shutil
+
+    import folder_paths
+    shipped = REPO / "demo" / "weights" / "demo_agd.safetensors"
+    if not shipped.is_file():
+        pytest.skip("no shipped adapter to copy")
+    candidate = tmp_path / "candidate.safetensors"
+    shutil.copy(shipped, candidate)
+    before = folder_paths.get_folder_paths("gl_agd") if "gl_agd" in folder_paths.folder_names_and_paths else None
+    md = tmp_path / "BENCH.md"
+    rc = quality.main(["--weights", str(weights), "--quick", "--images", "2", "--per-prompt", "2", "--steps", "2",
+                       "--configs", "agd-3", "--threads", "1", "--agd-adapter", str(candidate), "--out", str(md),
+                       "--grid", str(tmp_path / "g.png"), "--json", str(tmp_path / "r.json"), "--section", "agd"])
+    assert rc == 0
+    text = md.read_text(encoding="utf-8")
+    assert f"AGD adapter: `{candidate.resolve()}`" in text and "(candidate)" in text and "(demo_agd)" not in text
+    assert quality.adapter_info(candidate)["sha256"] in text
+    after = folder_paths.get_folder_paths("gl_agd")
+    assert str(tmp_path) not in after and (before is None or after == before)
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--agd-adapter", str(tmp_path / "missing.safetensors")])
