@@ -705,24 +705,9 @@ def candidate_adapter(host, path: Path):
         folder_paths.filename_list_cache.pop("gl_agd", None)
 
 
-def adapter_info(path: Path) -> dict:
-    """What the AGD rows ran: the adapter file's hash, architecture and the command that trained it."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-    config, trained = json.loads(meta.get("config", "{}")), json.loads(meta.get("info", "{}"))
-    try:
-        shown = str(path.resolve().relative_to(REPO))
-    except ValueError:                                  # a candidate outside the repository (--agd-adapter)
-        shown = str(path.resolve())
-    return {"path": shown, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
-            "mb": path.stat().st_size / 1e6, "hidden": config.get("hidden"), "features": config.get("features"),
-            "omega_gain": bool(config.get("omega_gain", False)), "parameters": trained.get("parameters"),
-            "steps": trained.get("steps"), "objective": trained.get("objective"), "command": trained.get("command"),
-            "rounds": len(trained.get("rounds", [])) + 1}
-
-
-def weights_info(path: Path) -> dict:
+def _file_identity(path: Path) -> tuple[dict, dict]:
+    """(safetensors metadata, {"path": shown relative to the repository when inside it, "sha256": first 16 hex
+    digits, "mb"}) of a weights file."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
@@ -730,17 +715,31 @@ def weights_info(path: Path) -> dict:
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
+    try:
+        shown = str(path.resolve().relative_to(REPO))
+    except ValueError:                                  # a file outside the repository (--weights, --agd-adapter)
+        shown = str(path.resolve())
+    return meta, {"path": shown, "sha256": h.hexdigest()[:16], "mb": path.stat().st_size / 1e6}
+
+
+def adapter_info(path: Path) -> dict:
+    """What the AGD rows ran: the adapter file's hash, architecture and the command that trained it."""
+    meta, ident = _file_identity(path)
+    config, trained = json.loads(meta.get("config", "{}")), json.loads(meta.get("info", "{}"))
+    return {**ident, "hidden": config.get("hidden"), "features": config.get("features"),
+            "omega_gain": bool(config.get("omega_gain", False)), "parameters": trained.get("parameters"),
+            "steps": trained.get("steps"), "objective": trained.get("objective"), "command": trained.get("command"),
+            "rounds": len(trained.get("rounds", [])) + 1}
+
+
+def weights_info(path: Path) -> dict:
+    meta, ident = _file_identity(path)
     training = {}
     try:
         training = json.loads(meta.get("training", "{}"))
     except json.JSONDecodeError:
         pass
-    try:
-        shown = str(path.resolve().relative_to(REPO))
-    except ValueError:
-        shown = str(path.resolve())
-    return {"path": shown, "sha256": h.hexdigest()[:16], "mb": path.stat().st_size / 1e6,
-            "checkpoint": meta.get("checkpoint", "?"), "train_steps": meta.get("train_steps", "?"),
+    return {**ident, "checkpoint": meta.get("checkpoint", "?"), "train_steps": meta.get("train_steps", "?"),
             "train_seed": meta.get("train_seed", "?"), "git_commit": meta.get("git_commit", "?"),
             "batch": training.get("batch"), "precision": training.get("precision"), "device": training.get("device"),
             "train_seconds": training.get("train_seconds"), "stopped_early": training.get("stopped_early")}
@@ -1438,8 +1437,9 @@ def main(argv=None) -> int:
                 info["calibration"] = calibrate(host, weights, args.steps)
                 print(f"LinearAG calibration {info['calibration']['seconds']:.1f} s", flush=True)
             if any(c.method == "agd" for c in configs):
-                adapter = Path(args.agd_adapter) if args.agd_adapter else REPO / "demo" / "weights" / \
-                    "demo_agd.safetensors"
+                # the file GL_AGDLoader will load: a models/gl_agd/demo_agd.safetensors wins over the pack's own
+                adapter = Path(args.agd_adapter) if args.agd_adapter else host.pack("guiders.agd").resolve(
+                    Config.adapter)
                 info["agd_adapter"] = adapter_info(adapter)
                 if args.agd_adapter:
                     stack.enter_context(candidate_adapter(host, adapter))
