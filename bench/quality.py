@@ -161,15 +161,17 @@ AGD_CONFIGS = "cfg-1,cfg-3,cfg-5,cfg-7.5,agd-3,agd-5,agd-7.5"
 DIFFIER_SCALES = (3.0, 5.0, 7.5, 10.0, 15.0)
 
 
-# GL_SamplerDiffIER settings by key infix: (iterations K, step size η, window start, window end); "" = the defaults
+# GL_SamplerDiffIER settings by key infix: (iterations K, step size η, window start, window end); "late-" = the node's
+# defaults, "" = its first defaults (the noisy half)
 DIFFIER_VARIANTS = {"": (1, 0.5, 0.0, 0.5), "full-": (1, 0.5, 0.0, 1.0), "k3-": (3, 0.5, 0.0, 1.0),
                     "late-": (1, 0.5, 0.5, 1.0), "eta1-": (1, 1.0, 0.0, 0.5),
                     "latee1-": (1, 1.0, 0.5, 1.0), "latek3-": (3, 0.5, 0.5, 1.0)}
 
 
 def diffier_configs() -> list[Config]:
-    """Iterative error reduction (GL_SamplerDiffIER, euler base) across CFG scales: the defaults (K 1, η 0.5, window
-    0–0.5) as `diffier-<w>`, and the variants of DIFFIER_VARIANTS as `diffier-<variant>-<w>`."""
+    """Iterative error reduction (GL_SamplerDiffIER, euler base) across CFG scales: K 1, η 0.5, window 0–0.5 (the
+    node's first default window) as `diffier-<w>`, and the variants of DIFFIER_VARIANTS as `diffier-<variant>-<w>`
+    (`diffier-late-<w>` = the node's defaults now)."""
     out = []
     for infix, (k, eta, start, end) in DIFFIER_VARIANTS.items():
         out += [Config(f"diffier-{infix}{w:g}", f"DiffIER sampler, cfg {w:g} (euler, K {k}, η {eta:g}, window "
@@ -1158,6 +1160,17 @@ def diffier_checks(rows: list[dict]) -> list[str]:
     return lines
 
 
+def diffier_graph_text(configs: list[Config]) -> str:
+    """The Graphs line's DiffIER clause, naming every setting the run's DiffIER rows used ("" without such rows)."""
+    settings = dict.fromkeys(c.diffier for c in configs if c.method == "diffier")
+    if not settings:
+        return ""
+    used = "; ".join(f"{k} iteration{'s' if k != 1 else ''}, step size {eta:g}, window {a:g}–{b:g}"
+                     for k, eta, a, b in settings)
+    return ("; DiffIER: `CFGGuider` (cfg) + `GL_SamplerDiffIER` (euler base, tolerance 1e-3; " + used
+            + ") + `BasicScheduler` + `RandomNoise` (the prompt's seed) → `SamplerCustomAdvanced`")
+
+
 def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list[Config]) -> str:
     w = info["weights"]
     n_single = sum(p.kind == "single" for p in prompts)
@@ -1221,9 +1234,7 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
         + (f"; AGD: `GL_AGDLoader` ({agd[0].adapter}, trained on CFG trajectories of training captions: see the AGD "
            "adapter line) → `GL_AGDApply` (guidance_scale ω, strength 1) before a KSampler at cfg 1"
            if (agd := [c for c in configs if c.method == "agd"]) else "")
-        + ("; DiffIER: `CFGGuider` (cfg) + `GL_SamplerDiffIER` (euler base, 1 iteration, step size 0.5, tolerance "
-           "1e-3, window 0–0.5) + `BasicScheduler` + `RandomNoise` (the prompt's seed) → `SamplerCustomAdvanced`"
-           if any(c.method == "diffier" for c in configs) else "")
+        + diffier_graph_text(configs)
         + ("; autoguidance: a second `GL_DemoModelLoader` (demo_model_weak, the early checkpoint of the same "
            "training run) as model_2 of `GL_MultiModelGuider` (mode autoguidance: D_weak + w·(D_main − D_weak) on "
            "the prompt; cfg+autoguidance: CFG at cfg plus w_a) + `KSamplerSelect` (euler) + `BasicScheduler` + "

@@ -17,6 +17,7 @@ import logging
 import comfy.k_diffusion.sampling as ks
 import comfy.model_patcher
 import comfy.samplers
+import torch
 
 from ..kernels import diffier as dk
 from . import nfe
@@ -59,7 +60,7 @@ class _Cached:
 
 
 def make_sampler_function(sampler_name: str = "euler", *, iterations: int = 1, eta: float = 0.5, tol: float = 1e-3,
-                          start_percent: float = 0.0, end_percent: float = 0.5, objective: str = OBJECTIVES[0]):
+                          start_percent: float = 0.5, end_percent: float = 1.0, objective: str = OBJECTIVES[0]):
     check(sampler_name, iterations, eta, tol, start_percent, end_percent, objective)
     base = BASE[sampler_name]
 
@@ -69,7 +70,10 @@ def make_sampler_function(sampler_name: str = "euler", *, iterations: int = 1, e
             return base(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable)
         ms = model.inner_model.model_patcher.get_model_object("model_sampling")
         coords = coords_for(ms, node=NODE)
-        hi, lo = float(ms.percent_to_sigma(start_percent)), float(ms.percent_to_sigma(end_percent))
+        # the window's bounds in the schedule's own precision: a step whose σ is the bound itself (start_percent 0.5
+        # on a float32 schedule, say) is inside, not left out by float64 rounding of the same number
+        hi, lo = (float(torch.tensor(float(ms.percent_to_sigma(p)), dtype=sigmas.dtype))
+                  for p in (start_percent, end_percent))
         captured = {}
 
         def grab(args):                        # last post-CFG hook: the conditional prediction next to D̂

@@ -303,3 +303,14 @@ def test_agd_rows_can_run_a_candidate_adapter(quality, weights, tmp_path):
     assert str(tmp_path) not in after and (before is None or after == before)
     with pytest.raises(SystemExit):
         quality.parse_args(["--agd-adapter", str(tmp_path / "missing.safetensors")])
+
+
+def test_diffier_graph_text_names_the_settings_the_rows_ran(quality):
+    """The Graphs line describes the DiffIER settings of the run's rows, not the node's defaults."""
+    by_key = {c.key: c for c in quality.all_configs(3.0) + quality.extra_configs()}
+    late = quality.diffier_graph_text([by_key["cfg-3"], by_key["diffier-latek3-3"], by_key["diffier-latek3-15"]])
+    assert "3 iterations, step size 0.5, window 0.5–1" in late
+    assert "window 0–0.5" not in late
+    both = quality.diffier_graph_text([by_key["diffier-3"], by_key["diffier-latek3-3"]])
+    assert "1 iteration, step size 0.5, window 0–0.5; 3 iterations, step size 0.5, window 0.5–1" in both
+    assert quality.diffier_graph_text([by_key["cfg-3"]]) == ""

@@ -34,19 +34,23 @@ def test_neutral_settings_are_the_core_sampler(gd, tiny, cond, arch, base):
     assert torch.equal(at1, run(m, pos, neg, 1.0, sampler=base, steps=4, batch=2)) and counter["rows"] == 4 * 2
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_model_calls_are_two_times_one_plus_k_in_the_window(gd, tiny, cond, arch, nfe, caplog):
+@pytest.mark.parametrize("arch,window", [("sd15_eps", (0.0, 0.5)), ("flux", (0.0, 0.5)), ("sd15_eps", None),
+                                         ("flux", None)])
+def test_model_calls_are_two_times_one_plus_k_in_the_window(gd, tiny, cond, arch, window, nfe, caplog):
+    """An explicit window (the noisy half) and the default one (None: the less noisy half, 0.5–1)."""
     m = tiny(arch).clone()
     nfe.install_nfe_counter(m)
     counted, counter = count_rows(m)
     pos, neg = cond(arch, 1), cond(arch, 2)
     steps, k, batch = 4, 2, 2
-    out = run(counted, pos, neg, 5.0, sampler=gd.make_sampler("euler", iterations=k, tol=0.0, end_percent=0.5),
+    opts = {} if window is None else {"start_percent": window[0], "end_percent": window[1]}
+    out = run(counted, pos, neg, 5.0, sampler=gd.make_sampler("euler", iterations=k, tol=0.0, **opts),
               steps=steps, batch=batch)
     ms = m.get_model_object("model_sampling")
     import comfy.samplers
     sig = comfy.samplers.calculate_sigmas(ms, "simple", steps)[:-1]
-    in_window = int(((sig <= ms.percent_to_sigma(0.0)) & (sig >= ms.percent_to_sigma(0.5))).sum())
+    start, end = window or (0.5, 1.0)
+    in_window = int(((sig <= ms.percent_to_sigma(start)) & (sig >= ms.percent_to_sigma(end))).sum())
     assert 0 < in_window < steps
     assert counter["rows"] == 2 * batch * (steps + k * in_window)
     line = nfe.last_report(m).notes["DiffIER"]
