@@ -17,11 +17,10 @@ import logging
 import comfy.k_diffusion.sampling as ks
 import comfy.model_patcher
 import comfy.samplers
-import torch
 
 from ..kernels import diffier as dk
 from . import nfe
-from .family import coords_for
+from .family import coords_for, window_bounds
 
 NODE = "GL_SamplerDiffIER"
 BASE = {"euler": ks.sample_euler, "euler_ancestral": ks.sample_euler_ancestral, "heun": ks.sample_heun,
@@ -70,10 +69,7 @@ def make_sampler_function(sampler_name: str = "euler", *, iterations: int = 1, e
             return base(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable)
         ms = model.inner_model.model_patcher.get_model_object("model_sampling")
         coords = coords_for(ms, node=NODE)
-        # the window's bounds in the schedule's own precision: a step whose σ is the bound itself (start_percent 0.5
-        # on a float32 schedule, say) is inside, not left out by float64 rounding of the same number
-        hi, lo = (float(torch.tensor(float(ms.percent_to_sigma(p)), dtype=sigmas.dtype))
-                  for p in (start_percent, end_percent))
+        lo, hi = window_bounds(ms, start_percent, end_percent)
         captured = {}
 
         def grab(args):                        # last post-CFG hook: the conditional prediction next to D̂

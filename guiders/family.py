@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import comfy.model_base
 import comfy.model_sampling as ms
+import torch
 
 from ..kernels.coords import FLOW, VE, Coords
 
@@ -59,10 +60,21 @@ def family_name(model_sampling) -> str:
     return type(model_sampling).__name__
 
 
+def window_bounds(model_sampling, start_percent: float, end_percent: float) -> tuple[float, float]:
+    """(σ_low, σ_high) of the schedule window [start_percent, end_percent] (0 = noisiest), rounded to float32, the
+    precision of the sigma schedules the samplers walk: a step whose σ is the bound itself (start_percent 0.5 of a
+    float32 schedule, say) falls inside, as in core's own float32 comparisons, instead of outside by float64
+    rounding of the same number. Rounding is monotone, so no σ inside the float64 window falls out."""
+    def f32(p):
+        return float(torch.tensor(float(model_sampling.percent_to_sigma(p)), dtype=torch.float32))
+    return f32(end_percent), f32(start_percent)
+
+
 def in_window(model_sampling, sigma: float, start_percent: float, end_percent: float) -> bool:
-    """Whether σ lies in the schedule window [start_percent, end_percent] (0 = noisiest), inclusive."""
-    return (float(model_sampling.percent_to_sigma(end_percent)) <= float(sigma)
-            <= float(model_sampling.percent_to_sigma(start_percent)))
+    """Whether σ lies in the schedule window [start_percent, end_percent] (0 = noisiest), inclusive (see
+    window_bounds)."""
+    lo, hi = window_bounds(model_sampling, start_percent, end_percent)
+    return lo <= float(sigma) <= hi
 
 
 def network_family(model) -> str:

@@ -31,7 +31,7 @@ import comfy.samplers
 
 from ..kernels import smc
 from ..kernels.coords import FLOW
-from .family import coords_for
+from .family import coords_for, window_bounds
 
 LOG = logging.getLogger("guidance_lab")
 NODE = "GL_SamplerFKC (Feynman–Kac corrector sampler)"
@@ -259,7 +259,8 @@ class FKCSampler(comfy.samplers.Sampler):
 
         window = None
         if self.start_percent > 0 or self.end_percent < 1:
-            window = (float(ms.percent_to_sigma(self.start_percent)), float(ms.percent_to_sigma(self.end_percent)))
+            lo, hi = window_bounds(ms, self.start_percent, self.end_percent)
+            window = (hi, lo)
         total = len(sigmas) - 1
 
         def on_step(info):
