@@ -674,37 +674,41 @@ class Runner:
 
 # ------------------------------------------------------------------------------------------------ weights
 @contextlib.contextmanager
-def weights_first(dm, path: Path):
-    """Make GL_DemoModelLoader's "demo_model" resolve to `path`: a temporary folder whose demo_model.safetensors
-    links to it goes first in folder_paths' `gl_demo_model` list (as an extra_model_paths.yaml entry would)."""
+def folder_first(folder_name: str, folder: str):
+    """`folder` goes first in folder_paths' `folder_name` list while the block runs (as an extra_model_paths.yaml
+    entry would); the list and its file-list cache are restored afterwards. The pack's own default entry must exist
+    already (the caller registers it)."""
     import folder_paths
-    dm.weight_folders()
-    paths = folder_paths.folder_names_and_paths[dm.FOLDER_NAME][0]
+    paths = folder_paths.folder_names_and_paths[folder_name][0]
     saved = list(paths)
-    tmp = Path(tempfile.mkdtemp(prefix="gl-quality-weights-"))
-    (tmp / dm.CHECKPOINTS["demo_model"]).symlink_to(path.resolve())
-    paths.insert(0, str(tmp))
+    paths.insert(0, folder)
+    folder_paths.filename_list_cache.pop(folder_name, None)
     try:
         yield
     finally:
         paths[:] = saved
-        shutil.rmtree(tmp, ignore_errors=True)
+        folder_paths.filename_list_cache.pop(folder_name, None)
 
 
 @contextlib.contextmanager
-def candidate_adapter(host, path: Path):
-    """GL_AGDLoader finds `path` by its name while the run lasts: its folder goes first in folder_paths' gl_agd list
-    (so a candidate named like the shipped file wins over it); the list and its cache are restored afterwards."""
-    import folder_paths
-    host.pack("guiders.agd").folders()                  # the default entry exists before one is added in front
-    folder = str(path.resolve().parent)
-    before = folder_paths.get_folder_paths("gl_agd")
-    folder_paths.add_model_folder_path("gl_agd", folder, is_default=True)
+def weights_first(dm, path: Path):
+    """Make GL_DemoModelLoader's "demo_model" resolve to `path`: a temporary folder whose demo_model.safetensors
+    links to it goes first in the `gl_demo_model` list."""
+    dm.weight_folders()
+    tmp = Path(tempfile.mkdtemp(prefix="gl-quality-weights-"))
+    (tmp / dm.CHECKPOINTS["demo_model"]).symlink_to(path.resolve())
     try:
-        yield
+        with folder_first(dm.FOLDER_NAME, str(tmp)):
+            yield
     finally:
-        folder_paths.folder_names_and_paths["gl_agd"][0][:] = before
-        folder_paths.filename_list_cache.pop("gl_agd", None)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def candidate_adapter(host, path: Path):
+    """GL_AGDLoader finds `path` by its name while the run lasts: its folder goes first in the gl_agd list (so a
+    candidate named like the shipped file wins over it)."""
+    host.pack("guiders.agd").folders()                  # the default entry exists before one is added in front
+    return folder_first("gl_agd", str(path.resolve().parent))
 
 
 def _file_identity(path: Path) -> tuple[dict, dict]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import comfy.model_base
 import comfy.model_sampling as ms
-import torch
+import numpy as np
 
 from ..kernels.coords import FLOW, VE, Coords
 
@@ -66,7 +66,7 @@ def window_bounds(model_sampling, start_percent: float, end_percent: float) -> t
     float32 schedule, say) falls inside, as in core's own float32 comparisons, instead of outside by float64
     rounding of the same number. Rounding is monotone, so no σ inside the float64 window falls out."""
     def f32(p):
-        return float(torch.tensor(float(model_sampling.percent_to_sigma(p)), dtype=torch.float32))
+        return float(np.float32(float(model_sampling.percent_to_sigma(p))))
     return f32(end_percent), f32(start_percent)
 
 
