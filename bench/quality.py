@@ -733,9 +733,20 @@ def adapter_info(path: Path) -> dict:
     meta, ident = _file_identity(path)
     config, trained = json.loads(meta.get("config", "{}")), json.loads(meta.get("info", "{}"))
     return {**ident, "hidden": config.get("hidden"), "features": config.get("features"),
-            "omega_gain": bool(config.get("omega_gain", False)), "parameters": trained.get("parameters"),
+            "omega_gain": bool(config.get("omega_gain", False)), "heads": int(config.get("heads", 1)),
+            "top_sites": bool(config.get("top_sites", False)), "parameters": trained.get("parameters"),
             "steps": trained.get("steps"), "objective": trained.get("objective"), "command": trained.get("command"),
             "rounds": len(trained.get("rounds", [])) + 1}
+
+
+def adapter_design_text(a: dict) -> str:
+    """The adapter line's architecture clause: the paper's adapter, or the Guidance Lab options the file uses."""
+    parts = (["output × (ω − 1) (`omega_gain`)"] if a["omega_gain"] else []) + (
+        [f"{a['heads']} attention heads"] if a.get("heads", 1) != 1 else []) + (
+        ["adapters on the full-resolution output blocks too (`top_sites`)"] if a.get("top_sites") else [])
+    if parts:
+        return ", ".join(parts) + ", "
+    return "the paper's adapter (one head, cross-attention sites, no `omega_gain`), "
 
 
 def weights_info(path: Path) -> dict:
@@ -1201,7 +1212,7 @@ def render(rows: list[dict], *, args, info, prompts: list[Prompt], configs: list
         + f", trained at commit {w['git_commit']}.",
         *([f"- AGD adapter: `{a['path']}` ({a['mb']:.1f} MB, sha256 {a['sha256']}…): {a['parameters']:,} parameters, "
            f"d_h {a['hidden']}, {a['features']} Fourier features, "
-           + ("output × (ω − 1) (`omega_gain`), " if a["omega_gain"] else "the paper's adapter (no `omega_gain`), ")
+           + adapter_design_text(a)
            + f"{a['steps']} steps on the {a['objective']} objective in {a['rounds']} round(s), the last by "
            f"`{a['command']}`."] if (a := info.get("agd_adapter")) else []),
         f"- Graphs (executed in-process with `execution.PromptExecutor`, as the server runs a queued prompt): "

@@ -45,6 +45,11 @@ def main(argv=None) -> dict:
                    help="training loss: the paper's ε-MSE, or the error relative to the guidance to add")
     p.add_argument("--omega-gain", action="store_true",
                    help="adapters whose output is multiplied by ω − 1 (Guidance Lab design; off = the paper's)")
+    p.add_argument("--top-sites", action="store_true",
+                   help="adapters also on the full-resolution output blocks' inputs (Guidance Lab design; off = the "
+                        "paper's cross-attention sites only)")
+    p.add_argument("--heads", type=int, default=1,
+                   help="attention heads per adapter (Guidance Lab design; the paper's adapter has 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-seed", type=int, default=None,
                    help="seed of the adapters' initialisation and batch order (default: --seed, which also seeds the "
@@ -89,6 +94,7 @@ def main(argv=None) -> dict:
         if previous is not None:        # what earlier rounds did stays in the metadata
             rounds = previous.info.pop("rounds", []) + [dict(previous.info)]
         adapter = trn.train_agd(model, data, hidden=args.hidden, features=args.features, omega_gain=args.omega_gain,
+                                top_sites=args.top_sites, heads=args.heads,
                                 steps=args.steps, batch_size=args.batch, learning_rate=args.lr,
                                 seed=args.seed if args.train_seed is None else args.train_seed,
                                 objective=args.objective, resume=previous,

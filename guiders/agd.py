@@ -6,6 +6,9 @@ Sites and running:
   `["block_index"]`. An `attn2_patch` keeps the block's normalised input and its context (it changes nothing it is
   given, so other packs' attn2 patches compose) and an `attn2_output_patch` adds the attention adapter's output to
   the cross-attention's output: the adapter is a residual on the wrapped module, as in the authors' code.
+  With `top_sites` (Guidance Lab design, off by default) adapters also sit on the hidden states entering each
+  full-resolution output block (an `output_block_patch`; they read the prompt tokens the cross-attentions of the
+  same call saw). `heads` > 1 splits each adapter's attention into heads (Guidance Lab design; the paper's has one).
 * SD3 and Flux: no attention-level patch reaches these blocks, so the additive adapter (the authors' DiT type)
   offsets the image tokens of every joint/double block's output and every token of every single block's output
   (`patches_replace["dit"]`; a replacement already there is called, not dropped). Placement on the block output
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,8 +67,39 @@ class AGDAdapter:
         return sum(p.numel() for p in self.modules.parameters())
 
 
-def sites(model, *, node: str = NODE) -> dict[str, tuple[int, ...]]:
-    """UNet: {"input_4_0": (hidden width, context width), …}; SD3/Flux: {"double_0": (width,), "single_3": …}."""
+def top_blocks(model) -> dict[int, int]:
+    """UNet output blocks that run at the latent's full resolution (the top level): {block index: width of the
+    hidden states entering it}, from the model's config and its weights."""
+    cfg = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    nrb = cfg.get("num_res_blocks")
+    if nrb is None or "context_dim" not in cfg:
+        return {}
+    per_level = [int(r) + 1 for r in (nrb if isinstance(nrb, (list, tuple)) else [nrb] * len(cfg["channel_mult"]))]
+    total = sum(per_level)
+    sd = model.model_state_dict()
+    out: dict[int, int] = {}
+    for i in range(total - per_level[0], total):
+        w = sd.get(f"diffusion_model.output_blocks.{i - 1}.0.out_layers.3.weight")
+        if w is None:
+            return {}
+        out[i] = int(w.shape[0])
+    return out
+
+
+_SITES_SEEN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # network -> {top: sites}
+
+
+def sites(model, *, top: bool = False, node: str = NODE) -> dict[str, tuple[int, ...]]:
+    """UNet: {"input_4_0": (hidden width, context width), …}; SD3/Flux: {"double_0": (width,), "single_3": …}.
+    top (UNets): also the inputs of the full-resolution output blocks, {"top_6": (width, context width), …}.
+    Kept per network (reading its state dict costs ≈ 10 ms, and GL_AGDApply checks it on every run)."""
+    seen = _SITES_SEEN.setdefault(model.model, {})
+    if top not in seen:
+        seen[top] = _find_sites(model, top, node)
+    return dict(seen[top])
+
+
+def _find_sites(model, top: bool, node: str) -> dict[str, tuple[int, ...]]:
     fam = family(model)
     if fam == "Flux" and getattr(getattr(model.model.diffusion_model, "params", None), "global_modulation", False):
         raise AGDError(f"{node}: this Flux variant shares one modulation across blocks (global_modulation); "
@@ -86,13 +121,25 @@ def sites(model, *, node: str = NODE) -> dict[str, tuple[int, ...]]:
     if not found:
         raise AGDError(f"{node}: the model ({type(model.model).__name__}) has no UNet cross-attention and no SD3/Flux "
                        "blocks; adapters are placed on SD1.x, SD2.x, SDXL (and the demo model), SD3 and Flux")
+    if top and fam == "UNet":
+        blocks = top_blocks(model)
+        if not blocks:
+            raise AGDError(f"{node}: the top-level sites need an SD-style UNet config (num_res_blocks, context_dim); "
+                           f"this {type(model.model).__name__} has none; train without them")
+        ctx = next(iter(found.values()))[1]
+        found.update({f"top_{i}": [w, ctx] for i, w in blocks.items()})
     return {k: tuple(v) for k, v in sorted(found.items())}
 
 
 def build_adapters(model, *, hidden: int = 320, features: int = 256, use_prompt: bool = True,
-                   time_token: bool = True, omega_gain: bool = False, seed: int = 0, node: str = NODE) -> AGDAdapter:
-    """Fresh (zero-output) adapters for every site of `model`, seeded (the global RNG is left as it was)."""
-    fam, found = family(model), sites(model, node=node)
+                   time_token: bool = True, omega_gain: bool = False, top_sites: bool = False, heads: int = 1,
+                   seed: int = 0, node: str = NODE) -> AGDAdapter:
+    """Fresh (zero-output) adapters for every site of `model`, seeded (the global RNG is left as it was).
+    top_sites (UNets): adapters also on the full-resolution output blocks' inputs; heads (UNets): attention heads
+    per adapter (the paper's adapter has one). Both are Guidance Lab design."""
+    fam = family(model)
+    top_sites = bool(top_sites and fam == "UNet")
+    found = sites(model, top=top_sites, node=node)
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
         torch.manual_seed(seed)
         mods = {}
@@ -100,7 +147,7 @@ def build_adapters(model, *, hidden: int = 320, features: int = 256, use_prompt:
             if fam == "UNet":
                 mods[name] = ak.AttentionAdapter(dims[0], hidden=hidden, d_time=TIME_FEATURES if time_token else 0,
                                                  d_context=dims[1] if use_prompt else 0, seed=seed + i,
-                                                 features=features, omega_gain=omega_gain)
+                                                 features=features, omega_gain=omega_gain, heads=heads)
             else:
                 mods[name] = ak.AdditiveAdapter(dims[0], hidden=hidden, d_vec=dims[0] if time_token else 0,
                                                 seed=seed + i, features=features, omega_gain=omega_gain)
@@ -109,6 +156,10 @@ def build_adapters(model, *, hidden: int = 320, features: int = 256, use_prompt:
               "use_prompt": bool(use_prompt and fam == "UNet"), "time_token": bool(time_token), "seed": seed}
     if omega_gain:                      # files without the key are the paper's architecture
         config["omega_gain"] = True
+    if top_sites:                       # files without the key have the paper's placement
+        config["top_sites"] = True
+    if heads != 1 and fam == "UNet":    # files without the key have one head
+        config["heads"] = int(heads)
     return AGDAdapter(modules, fam, config, {k: list(v) for k, v in found.items()},
                       info={"model_class": type(model.model).__name__})
 
@@ -118,7 +169,7 @@ def check_model(model, adapter: AGDAdapter, *, node: str = NODE) -> None:
         raise AGDError(f"{node}: connect a GL_AGD_ADAPTER (from GL_AGDLoader or GL_AGDTrain); got "
                        f"{type(adapter).__name__}")
     fam = family(model)
-    found = {k: list(v) for k, v in sites(model, node=node).items()}
+    found = {k: list(v) for k, v in sites(model, top=bool(adapter.config.get("top_sites")), node=node).items()}
     if fam != adapter.family or found != adapter.sites:
         diff = sorted(set(found) ^ set(adapter.sites)) or [k for k in found if found[k] != adapter.sites.get(k)]
         label = f"the adapter '{adapter.name}'" if adapter.name else "the adapter"
@@ -182,6 +233,7 @@ def _patch_unet(m, adapter: AGDAdapter, omega: float, strength: float) -> None:
 
     def keep(n, context, value, extra_options):
         stash[site(extra_options)] = (n, context)
+        shared["context"] = context                     # what the top-level sites read (no context reaches them)
         return n, context, value
 
     def time_features(extra_options: dict, rows: int, device) -> torch.Tensor:
@@ -209,22 +261,21 @@ def _patch_unet(m, adapter: AGDAdapter, omega: float, strength: float) -> None:
         prompt["seen"] = context
         return prompt["generation"]
 
-    def add(n, extra_options):
-        name = site(extra_options)
+    def residual(name: str, h: torch.Tensor, context, extra_options: dict, device) -> torch.Tensor:
+        """The adapter of site `name` on hidden states h [B, N, C] (times `strength`)."""
         _warn_uncond(extra_options, warned)
-        h, context = stash.pop(name)
         rows = h.shape[0]
         if torch.is_grad_enabled():                     # training: the module itself, so gradients reach it
-            mod = _on(adapter.modules[name], n.device)
-            t_emb = time_features(extra_options, rows, n.device) if mod.time is not None else None
-            out = mod(h, _omega(extra_options, omega, rows, n.device), t_emb,
+            mod = _on(adapter.modules[name], device)
+            t_emb = time_features(extra_options, rows, device) if mod.time is not None else None
+            out = mod(h, _omega(extra_options, omega, rows, device), t_emb,
                       context if mod.prompt is not None else None)
         else:
             f = folded.get(name)
-            if f is None or f.device != n.device or f.stale():
-                f = folded[name] = ak.FoldedAttention(_on(adapter.modules[name], n.device))
-            t_emb = time_features(extra_options, rows, n.device) if f.time is not None else None
-            per_row = _row_omega(extra_options, rows, n.device)
+            if f is None or f.device != device or f.stale():
+                f = folded[name] = ak.FoldedAttention(_on(adapter.modules[name], device))
+            t_emb = time_features(extra_options, rows, device) if f.time is not None else None
+            per_row = _row_omega(extra_options, rows, device)
             okv = f.omega_kv(per_row) if per_row is not None else f.constant_omega_kv(omega, rows)
             gain = None
             if f.omega_gain:
@@ -236,10 +287,31 @@ def _patch_unet(m, adapter: AGDAdapter, omega: float, strength: float) -> None:
                     cached = prompt_kv[name] = (gen, f, f.prompt_kv(context))
                 pkv = cached[2]
             out = f(h, f.kv(okv, t_emb, prompt_kv=pkv) if pkv is not None else f.kv(okv, t_emb), gain=gain)
-        return n + (out if strength == 1.0 else strength * out).to(n.dtype)
+        return out if strength == 1.0 else strength * out
+
+    def add(n, extra_options):
+        name = site(extra_options)
+        h, context = stash.pop(name)
+        return n + residual(name, h, context, extra_options, n.device).to(n.dtype)
+
+    def add_top(h, hsp, extra_options):
+        kind, idx = extra_options.get("block", ("", -1))
+        name = f"top_{idx}"
+        if kind != "output" or name not in adapter.modules:
+            return h, hsp
+        context = shared.get("context")
+        if context is None and adapter.config.get("use_prompt"):
+            raise AGDError(f"{NODE}: no prompt tokens reached the top-level adapters (no cross-attention ran before "
+                           "them in this model call)")
+        b, c = h.shape[:2]
+        tokens = h.reshape(b, c, -1).transpose(1, 2)
+        out = residual(name, tokens, context, extra_options, h.device)
+        return h + out.transpose(1, 2).reshape(h.shape).to(h.dtype), hsp
 
     m.set_model_attn2_patch(keep)
     m.set_model_attn2_output_patch(add)
+    if any(name.startswith("top_") for name in adapter.sites):
+        m.set_model_output_block_patch(add_top)
 
 
 def _patch_dit(m, adapter: AGDAdapter, omega: float, strength: float) -> None:
@@ -306,7 +378,7 @@ def load(path: str | Path, *, node: str = "GL_AGDLoader") -> AGDAdapter:
                 mods[name] = ak.AttentionAdapter(dims[0], hidden=config["hidden"], features=config["features"],
                                                  d_time=TIME_FEATURES if config["time_token"] else 0,
                                                  d_context=dims[1] if config["use_prompt"] else 0,
-                                                 omega_gain=gain)
+                                                 omega_gain=gain, heads=int(config.get("heads", 1)))
             else:
                 mods[name] = ak.AdditiveAdapter(dims[0], hidden=config["hidden"], features=config["features"],
                                                 d_vec=dims[0] if config["time_token"] else 0, omega_gain=gain)

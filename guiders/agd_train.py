@@ -125,8 +125,9 @@ class _Batches:
 
 
 def train_agd(model, data: AGDData, *, hidden: int = 320, features: int = 256, use_prompt: bool = True,
-              time_token: bool = True, omega_gain: bool = False, steps: int = 5000, batch_size: int = 64,
-              learning_rate: float = 1e-4, warmup: float = 0.1, objective: str = "paper", seed: int = 0,
+              time_token: bool = True, omega_gain: bool = False, top_sites: bool = False, heads: int = 1,
+              steps: int = 5000, batch_size: int = 64, learning_rate: float = 1e-4, warmup: float = 0.1,
+              objective: str = "paper", seed: int = 0,
               checkpoint_every: int = 0, checkpoint_prefix: str = "agd/train",
               resume: ag.AGDAdapter | None = None, log=None) -> ag.AGDAdapter:
     """Train (or continue training `resume`) adapters on `data`; returns them (CPU, eval)."""
@@ -141,7 +142,7 @@ def train_agd(model, data: AGDData, *, hidden: int = 320, features: int = 256, u
                          "flow models")
     adapter = resume if resume is not None else ag.build_adapters(
         model, hidden=hidden, features=features, use_prompt=use_prompt, time_token=time_token, omega_gain=omega_gain,
-        seed=seed, node=NODE)
+        top_sites=top_sites, heads=heads, seed=seed, node=NODE)
     train_idx, held_idx = split(data)
     gen = torch.Generator().manual_seed(seed)
     probe_idx = held_idx[torch.randperm(len(held_idx), generator=torch.Generator().manual_seed(seed + 1))

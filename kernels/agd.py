@@ -8,8 +8,10 @@ Pieces (pure torch, no ComfyUI import):
     AttentionAdapter   the "attention" adapter: its query is a linear map of the wrapped cross-attention's input
                        hidden states; keys/values are a short token sequence — ψ(ω), optionally a projection of a
                        time embedding and of the prompt tokens — with a sinusoidal position code per token
-                       index; one head, scale 1/√d_h; the output projection back to the block width starts at zero,
-                       so an untrained adapter adds exactly nothing. Its output is added to the wrapped module's.
+                       index; one head, scale 1/√d_h (`heads` > 1 splits the width into heads, each scaled by
+                       1/√(its width): Guidance Lab design); the output projection back to the block width starts
+                       at zero, so an untrained adapter adds exactly nothing. Its output is added to the wrapped
+                       module's.
     AdditiveAdapter    the "additive" adapter (the authors' DiT type): e = ψ(ω) (+ a projection of the block's
                        conditioning vector, which carries the time) → SiLU → zero-initialised linear → one offset
                        vector added to every token.
@@ -74,9 +76,11 @@ class AttentionAdapter(nn.Module):
     tokens [B, T, d_context]."""
 
     def __init__(self, d_in: int, *, hidden: int = 320, d_time: int = 0, d_context: int = 0, seed: int = 0,
-                 features: int = 256, omega_gain: bool = False):
+                 features: int = 256, omega_gain: bool = False, heads: int = 1):
         super().__init__()
-        self.hidden = hidden
+        if heads < 1 or hidden % heads:
+            raise ValueError(f"the adapter's width {hidden} does not split into {heads} heads")
+        self.hidden, self.heads = hidden, int(heads)
         self.omega_gain = bool(omega_gain)
         self.omega = OmegaEmbedding(hidden, features=features, seed=seed)
         self.time = nn.Linear(d_time, hidden) if d_time else None
@@ -107,7 +111,8 @@ class AttentionAdapter(nn.Module):
                 context: torch.Tensor | None = None) -> torch.Tensor:
         seq = self.tokens(omega, time_emb, context)
         q = self.q(h.float())
-        att = F.scaled_dot_product_attention(q[:, None], self.k(seq)[:, None], self.v(seq)[:, None])[:, 0]
+        k, v = self.k(seq), self.v(seq)
+        att = _merge_heads(F.scaled_dot_product_attention(*(_split_heads(t, self.heads) for t in (q, k, v))))
         out = self.out(att)
         if self.omega_gain:
             out = out * omega_gain(omega).to(out.device).reshape(-1, 1, 1)
@@ -130,12 +135,13 @@ class FoldedAttention:
         dev = torch.device(device) if device is not None else a.q.weight.device
         with torch.no_grad():
             hid = a.hidden
-            self.hidden, self.device = hid, dev
+            self.hidden, self.device, self.heads = hid, dev, a.heads
             self.omega_gain = a.omega_gain
             self._params = list(a.parameters())
             self.version = _versions(self._params)
-            wkv = torch.cat([a.k.weight * hid ** -0.5, a.v.weight]).float().to(dev)
-            bkv = torch.cat([a.k.bias * hid ** -0.5, a.v.bias]).float().to(dev)
+            scale = (hid // a.heads) ** -0.5                    # per head: 1/√(width of a head)
+            wkv = torch.cat([a.k.weight * scale, a.v.weight]).float().to(dev)
+            bkv = torch.cat([a.k.bias * scale, a.v.bias]).float().to(dev)
             self.n_fixed = 1 + (a.time is not None)
             pos = token_positions(self.n_fixed, hid, dev)
             self._omega, self._wkv, self._bkv, self._pos0 = a.omega, wkv, bkv, pos[0]
@@ -203,10 +209,15 @@ class FoldedAttention:
         hid = self.hidden
         q = F.linear(h.float(), *self.q)
         k, v = kv[..., :hid], kv[..., hid:]
-        if matmul_softmax if matmul_softmax is not None else q.device.type == "cpu":
-            att = torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1), v)
+        if self.heads == 1:
+            q, k, v = q[:, None], k[:, None], v[:, None]
         else:
-            att = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=1.0)[:, 0]
+            q, k, v = (_split_heads(t, self.heads) for t in (q, k, v))
+        if matmul_softmax if matmul_softmax is not None else q.device.type == "cpu":
+            att = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)), dim=-1), v)
+        else:
+            att = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        att = att[:, 0] if self.heads == 1 else _merge_heads(att)
         if self.omega_gain and not torch.is_tensor(gain):       # one gain for all rows: folded into W_o, b_o
             maps = self._gained_out.get(float(gain))
             if maps is None:
@@ -216,6 +227,16 @@ class FoldedAttention:
         if self.omega_gain:
             out = out * gain.to(out.device, out.dtype).reshape(-1, 1, 1)
         return out.to(h.dtype)
+
+
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, n, H·d] → [B, H, n, d]."""
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, n, d] → [B, n, H·d]."""
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
 
 
 def _versions(params: list) -> tuple:

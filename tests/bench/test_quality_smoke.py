@@ -270,13 +270,26 @@ def test_adapter_info_records_what_the_agd_rows_ran(quality, tmp_path):
         quality.REPO = REPO
     assert a["path"] == "a.safetensors" and len(a["sha256"]) == 16 and a["omega_gain"] is True
     assert (a["hidden"], a["features"], a["parameters"], a["steps"], a["rounds"]) == (3, 2, 16, 7, 2)
+    assert quality.adapter_design_text(a) == "output × (ω − 1) (`omega_gain`), "
+    meta["config"] = json.dumps({"hidden": 3, "features": 2, "heads": 4, "top_sites": True})
+    save_file(tensors, str(path), metadata=meta)
+    quality.REPO = tmp_path
+    try:
+        a = quality.adapter_info(path)
+    finally:
+        quality.REPO = REPO
+    assert (a["omega_gain"], a["heads"], a["top_sites"]) == (False, 4, True)
+    assert quality.adapter_design_text(a) == ("4 attention heads, adapters on the full-resolution output blocks too "
+                                              "(`top_sites`), ")
     meta["config"] = json.dumps({"hidden": 3, "features": 2})
     save_file(tensors, str(path), metadata=meta)
     quality.REPO = tmp_path
     try:
-        assert quality.adapter_info(path)["omega_gain"] is False          # files without the key: the paper's
+        a = quality.adapter_info(path)                   # files without the keys: the paper's adapter
     finally:
         quality.REPO = REPO
+    assert (a["omega_gain"], a["heads"], a["top_sites"]) == (False, 1, False)
+    assert quality.adapter_design_text(a).startswith("the paper's adapter")
 
 
 def test_agd_rows_can_run_a_candidate_adapter(quality, weights, tmp_path):

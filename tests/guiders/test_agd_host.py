@@ -229,6 +229,53 @@ def test_gained_adapters_vanish_at_omega_one_and_run_alike_in_every_form(agd, de
     assert not torch.allclose(run(agd.apply_adapters(flux, dit, 4.0), pos, neg, 1.0, batch=2, steps=3), fbase)
 
 
+def test_top_sites_and_heads_run_alike_in_every_form(agd, demo_model, tmp_path):
+    """top_sites and heads (Guidance Lab design): adapters also on the inputs of the UNet's full-resolution output
+    blocks, with several attention heads. Zero adapters are the base model; the folded and training forms and a
+    reloaded file agree; files without the keys keep the paper's placement and one head."""
+    import comfy.samplers
+    patcher, clip, _vae = demo_model
+    plain = agd.sites(patcher)
+    top = agd.sites(patcher, top=True)
+    assert set(top) - set(plain) == {"top_6", "top_7", "top_8"}            # 3 output blocks at 32×32 (levels 2, 1, 0)
+    assert all(top[k] == (64, 96) for k in ("top_6", "top_7", "top_8")) and all(top[k] == plain[k] for k in plain)
+    adapter = agd.build_adapters(patcher, hidden=32, features=16, top_sites=True, heads=4)
+    paper = agd.build_adapters(patcher, hidden=8).config
+    assert adapter.config["top_sites"] is True and adapter.config["heads"] == 4
+    assert "top_sites" not in paper and "heads" not in paper
+    assert all(a.heads == 4 for a in adapter.modules.values())
+    g = torch.Generator().manual_seed(5)
+    x, sigma = torch.randn(2, 3, 16, 16, generator=g) * 3.0, torch.tensor([3.0, 3.0])
+
+    def predict(m, grad=False):
+        guider = comfy.samplers.CFGGuider(m)
+        guider.set_conds(encode(clip, "a red circle"), encode(clip, ""))
+        guider.set_cfg(1.0)
+        return _predict(guider, x, sigma, grad=grad).detach()
+    base = predict(patcher)
+    assert torch.equal(predict(agd.apply_adapters(patcher, adapter, 5.0)), base)
+    _randomise(adapter, std=0.2)
+    adapter.modules.requires_grad_(False)
+    seen = []
+    for name in ("top_6", "top_8"):
+        adapter.modules[name].register_forward_hook(lambda mod, args, out, name=name: seen.append(name))
+    with torch.no_grad():                                # only the top sites act: their effect alone moves the output
+        only_top = agd.AGDAdapter(adapter.modules, adapter.family, adapter.config, adapter.sites)
+        for name, a in only_top.modules.items():
+            if not name.startswith("top_"):
+                a.out.weight.zero_()
+    m = agd.apply_adapters(patcher, only_top, 5.0)
+    folded = predict(m)
+    assert (folded - base).abs().max() > 1e-2
+    module = predict(m, True)
+    torch.testing.assert_close(folded, module, atol=1e-4, rtol=1e-4)
+    assert seen == ["top_6", "top_8"]                    # the training form ran the modules, once per site
+    back = agd.load(agd.save(adapter, tmp_path / "top.safetensors"))
+    assert back.config == adapter.config and back.sites == adapter.sites
+    assert all(a.heads == 4 for a in back.modules.values())
+    assert torch.equal(predict(agd.apply_adapters(patcher, back, 5.0)), folded)
+
+
 def test_the_prompt_keys_kept_between_calls_follow_the_prompt(agd, demo_model):
     """The prompt tokens' keys/values are kept while the prompt stays the same (checked by value once per call on
     CPU); a new prompt, or a batch of two prompts, on the same patched model gives what a fresh one gives."""

@@ -163,6 +163,34 @@ def test_folded_attention_is_the_adapter(time_token, prompt):
         torch.testing.assert_close(f(h, f.kv(f.omega_kv(w), t, c7)), ad(h, w, t, c7), atol=1e-5, rtol=1e-5)
 
 
+def test_multi_head_adapter_attends_per_head_and_folds_alike():
+    """heads (Guidance Lab design; the paper's adapter has one): each head a softmax over the same tokens with its own
+    slice of the query/key/value width, scale 1/√(head width); the folded form gives the same output."""
+    torch.manual_seed(1)
+    ad = agd.AttentionAdapter(24, hidden=16, d_time=8, d_context=12, heads=4)
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.normal_(std=0.3)
+    h, w, t, c = torch.randn(3, 10, 24), torch.tensor([3.0, 9.0, 1.5]), torch.randn(3, 8), torch.randn(3, 5, 12)
+    seq = ad.tokens(w, t, c)
+    q, k, v = ad.q(h), ad.k(seq), ad.v(seq)
+    parts = []
+    for i in range(4):                                  # by hand: four independent 4-wide attentions, concatenated
+        sl = slice(4 * i, 4 * i + 4)
+        parts.append(torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / 2.0, dim=-1) @ v[..., sl])
+    want = ad.out(torch.cat(parts, dim=-1))
+    torch.testing.assert_close(ad(h, w, t, c), want, atol=1e-5, rtol=1e-5)
+    f = agd.FoldedAttention(ad)
+    for manual in (True, False):
+        torch.testing.assert_close(f(h, f.kv(f.omega_kv(w), t, c), matmul_softmax=manual), want, atol=1e-5,
+                                   rtol=1e-5)
+    one = agd.AttentionAdapter(24, hidden=16, d_time=8, d_context=12)
+    one.load_state_dict(ad.state_dict())                # the same parameters, one head: another function
+    assert not torch.allclose(one(h, w, t, c), want, atol=1e-3)
+    with pytest.raises(ValueError, match="does not split into 3 heads"):
+        agd.AttentionAdapter(24, hidden=16, heads=3)
+
+
 def test_folded_attention_goes_stale_when_the_parameters_change():
     ad = agd.AttentionAdapter(8, hidden=8, d_time=4, d_context=4)
     f = agd.FoldedAttention(ad)
