@@ -155,21 +155,28 @@ def _predict(guider, x, sigma, *, grad=False):
     return seen["d"]
 
 
+def _predictor(clip, x, sigma):
+    """predict(model, grad=False): the model's cfg-1 prediction for 'a red circle' at (x, σ) through a CFGGuider."""
+    import comfy.samplers
+
+    def predict(m, grad=False):
+        guider = comfy.samplers.CFGGuider(m)
+        guider.set_conds(encode(clip, "a red circle"), encode(clip, ""))
+        guider.set_cfg(1.0)
+        return _predict(guider, x, sigma, grad=grad).detach()
+    return predict
+
+
 def test_inference_runs_the_folded_adapters_with_the_modules_outputs(agd, demo_model):
     """In inference the UNet sites run kernels' FoldedAttention (folded key/value maps, one ψ(ω) per run); with
     autograd on (training) they run the modules. Both give the same prediction, for the node's ω and per-row ω."""
-    import comfy.samplers
     patcher, clip, _vae = demo_model
     adapter = _randomise(agd.build_adapters(patcher, hidden=32, features=16), std=0.2)
     adapter.modules.requires_grad_(False)     # the host's weights are inference tensors: autograd on, nothing tracked
     g = torch.Generator().manual_seed(3)
     x, sigma = torch.randn(2, 3, 16, 16, generator=g) * 3.0, torch.tensor([3.0, 3.0])
 
-    def predict(m, grad):
-        guider = comfy.samplers.CFGGuider(m)
-        guider.set_conds(encode(clip, "a red circle"), encode(clip, ""))
-        guider.set_cfg(1.0)
-        return _predict(guider, x, sigma, grad=grad).detach()
+    predict = _predictor(clip, x, sigma)
     base = predict(patcher, False)
     m = agd.apply_adapters(patcher, adapter, 5.0)
     folded, module = predict(m, False), predict(m, True)
@@ -193,7 +200,6 @@ def test_inference_runs_the_folded_adapters_with_the_modules_outputs(agd, demo_m
 def test_gained_adapters_vanish_at_omega_one_and_run_alike_in_every_form(agd, demo_model, text_model, tmp_path):
     """omega_gain (Guidance Lab design): the residual is multiplied by ω − 1, so at ω = 1 the adapted model is the
     base model whatever the weights; the folded inference form, the training form and a reloaded file agree."""
-    import comfy.samplers
     patcher, clip, _vae = demo_model
     adapter = _randomise(agd.build_adapters(patcher, hidden=32, features=16, omega_gain=True), std=0.2)
     adapter.modules.requires_grad_(False)
@@ -202,11 +208,7 @@ def test_gained_adapters_vanish_at_omega_one_and_run_alike_in_every_form(agd, de
     g = torch.Generator().manual_seed(4)
     x, sigma = torch.randn(2, 3, 16, 16, generator=g) * 3.0, torch.tensor([3.0, 3.0])
 
-    def predict(m, grad=False):
-        guider = comfy.samplers.CFGGuider(m)
-        guider.set_conds(encode(clip, "a red circle"), encode(clip, ""))
-        guider.set_cfg(1.0)
-        return _predict(guider, x, sigma, grad=grad).detach()
+    predict = _predictor(clip, x, sigma)
     base = predict(patcher)
     assert torch.equal(predict(agd.apply_adapters(patcher, adapter, 1.0)), base)
     five = agd.apply_adapters(patcher, adapter, 5.0)
@@ -233,7 +235,6 @@ def test_top_sites_and_heads_run_alike_in_every_form(agd, demo_model, tmp_path):
     """top_sites and heads (Guidance Lab design): adapters also on the inputs of the UNet's full-resolution output
     blocks, with several attention heads. Zero adapters are the base model; the folded and training forms and a
     reloaded file agree; files without the keys keep the paper's placement and one head."""
-    import comfy.samplers
     patcher, clip, _vae = demo_model
     plain = agd.sites(patcher)
     top = agd.sites(patcher, top=True)
@@ -247,11 +248,7 @@ def test_top_sites_and_heads_run_alike_in_every_form(agd, demo_model, tmp_path):
     g = torch.Generator().manual_seed(5)
     x, sigma = torch.randn(2, 3, 16, 16, generator=g) * 3.0, torch.tensor([3.0, 3.0])
 
-    def predict(m, grad=False):
-        guider = comfy.samplers.CFGGuider(m)
-        guider.set_conds(encode(clip, "a red circle"), encode(clip, ""))
-        guider.set_cfg(1.0)
-        return _predict(guider, x, sigma, grad=grad).detach()
+    predict = _predictor(clip, x, sigma)
     base = predict(patcher)
     assert torch.equal(predict(agd.apply_adapters(patcher, adapter, 5.0)), base)
     _randomise(adapter, std=0.2)
