@@ -209,15 +209,12 @@ class FoldedAttention:
         hid = self.hidden
         q = F.linear(h.float(), *self.q)
         k, v = kv[..., :hid], kv[..., hid:]
-        if self.heads == 1:
-            q, k, v = q[:, None], k[:, None], v[:, None]
-        else:
-            q, k, v = (_split_heads(t, self.heads) for t in (q, k, v))
+        q, k, v = (_split_heads(t, self.heads) for t in (q, k, v))
         if matmul_softmax if matmul_softmax is not None else q.device.type == "cpu":
             att = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)), dim=-1), v)
         else:
             att = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-        att = att[:, 0] if self.heads == 1 else _merge_heads(att)
+        att = _merge_heads(att)
         if self.omega_gain and not torch.is_tensor(gain):       # one gain for all rows: folded into W_o, b_o
             maps = self._gained_out.get(float(gain))
             if maps is None:
