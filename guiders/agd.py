@@ -67,16 +67,16 @@ class AGDAdapter:
         return sum(p.numel() for p in self.modules.parameters())
 
 
-def top_blocks(model) -> dict[int, int]:
+def top_blocks(model, sd: dict | None = None) -> dict[int, int]:
     """UNet output blocks that run at the latent's full resolution (the top level): {block index: width of the
-    hidden states entering it}, from the model's config and its weights."""
+    hidden states entering it}, from the model's config and its weights (`sd`: its state dict, if already read)."""
     cfg = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
     nrb = cfg.get("num_res_blocks")
     if nrb is None or "context_dim" not in cfg:
         return {}
     per_level = [int(r) + 1 for r in (nrb if isinstance(nrb, (list, tuple)) else [nrb] * len(cfg["channel_mult"]))]
     total = sum(per_level)
-    sd = model.model_state_dict()
+    sd = model.model_state_dict() if sd is None else sd
     out: dict[int, int] = {}
     for i in range(total - per_level[0], total):
         w = sd.get(f"diffusion_model.output_blocks.{i - 1}.0.out_layers.3.weight")
@@ -105,7 +105,8 @@ def _find_sites(model, top: bool, node: str) -> dict[str, tuple[int, ...]]:
         raise AGDError(f"{node}: this Flux variant shares one modulation across blocks (global_modulation); "
                        "adapters are placed on Flux.1, SD3 and UNet models in this version")
     found: dict[str, list[int]] = {}
-    for key, w in model.model_state_dict().items():
+    sd = model.model_state_dict()
+    for key, w in sd.items():
         if fam == "UNet":
             m = _SITE.match(key)
             if m:
@@ -122,7 +123,7 @@ def _find_sites(model, top: bool, node: str) -> dict[str, tuple[int, ...]]:
         raise AGDError(f"{node}: the model ({type(model.model).__name__}) has no UNet cross-attention and no SD3/Flux "
                        "blocks; adapters are placed on SD1.x, SD2.x, SDXL (and the demo model), SD3 and Flux")
     if top and fam == "UNet":
-        blocks = top_blocks(model)
+        blocks = top_blocks(model, sd)
         if not blocks:
             raise AGDError(f"{node}: the top-level sites need an SD-style UNet config (num_res_blocks, context_dim); "
                            f"this {type(model.model).__name__} has none; train without them")
