@@ -5,11 +5,13 @@ The base model is frozen; the adapters (guiders/agd.py) run on a clone exactly a
 w(σ) the family's own output weight — ‖ε_s − ε_cfg‖² on EPS models (the paper's loss), the velocity MSE on flow
 models, the v-MSE on V-prediction models (kernels.hypernet.denoising_weight, no Min-SNR) — where D_cfg = x − σ·u
 from the recorded trajectories (objective "paper"). Objective "relative" (Guidance Lab design, not the paper's):
-‖D_student − D_cfg‖² / ‖D_cond − D_cfg‖² per sample, D_cond the frozen model's conditional prediction (one extra
-forward without gradients), so every noise level and guidance scale weighs alike; the ε-MSE is ruled by large ω and
-the last, nearly clean steps, and on the demo model it left the small-ω and high-σ evaluations almost untrained.
-AdamW (weight decay 0), linear warm-up then cosine to lr·1e-4 (the authors'
-schedule), gradient norm clipped at 1.
+‖D_student − D_cfg‖² / ‖D_cond − D_cfg‖² per sample, D_cond the frozen model's conditional prediction, so every
+noise level and guidance scale weighs alike; the ε-MSE is ruled by large ω and the last, nearly clean steps, and on
+the demo model it left the small-ω and high-σ evaluations almost untrained. The denominator is one forward without
+gradients per recorded evaluation, the first time it is drawn, kept for the rest of the run. AdamW (weight decay 0),
+linear warm-up then cosine to lr·1e-4 (the authors' schedule), gradient norm clipped at 1. Precision "bf16" runs
+the student's forward in bfloat16 autocast (the adapters' weights, optimizer and loss stay float32; the loss
+history is measured in float32 either way): faster on GPUs and on CPUs with bfloat16 matrix units.
 
 Every 20th trajectory is held out (when there are at least 20): the reported loss history is measured on a fixed
 set of up to 512 held-out evaluations, so its rows compare and show generalisation, not memorisation; step 0 is
@@ -41,13 +43,17 @@ HOLDOUT_EVERY = 20
 PROBE_SIZE = 512
 _KIND = {"eps": "eps", "v_prediction": "v", "flow": "flow"}
 OBJECTIVES = ("paper", "relative")
+PRECISIONS = ("fp32", "bf16")
 
 
-def check(data, *, steps, batch_size, learning_rate, warmup, hidden, features, objective="paper") -> None:
+def check(data, *, steps, batch_size, learning_rate, warmup, hidden, features, objective="paper",
+          precision="fp32") -> None:
     if not isinstance(data, AGDData):
         raise ValueError(f"{NODE}: connect GL_AGDCollect's data output; got {type(data).__name__}")
     if objective not in OBJECTIVES:
         raise ValueError(f"{NODE}: objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"{NODE}: precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("hidden", hidden, 4),
                              ("fourier_features", features, 2)):
         if value < low:
@@ -74,36 +80,57 @@ def split(data: AGDData) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Batches:
-    """Moves data rows to the device and evaluates the student's loss on them."""
+    """Moves data rows to the device and evaluates the student's loss on them. The relative objective's denominator
+    ‖D_cond − D_cfg‖² depends on the frozen model alone, so it is computed once per recorded evaluation (a forward
+    without gradients the first time a row is drawn) and kept: one float per evaluation."""
 
-    def __init__(self, patcher, base, data: AGDData, device, kind: str, sigma_data: float):
+    def __init__(self, patcher, base, data: AGDData, device, kind: str, sigma_data: float, *,
+                 precision: str = "fp32"):
         self.p, self.data, self.device, self.kind, self.sd = patcher, data, device, kind, sigma_data
         self.conds = [{k: v.to(device) for k, v in c.items()} for c in data.conds]
         self.topts = patcher.model_options.get("transformer_options", {})
         self.base_topts = base.model_options.get("transformer_options", {})     # without the adapters
         self.copy_saved = ag.family(patcher) != "UNet"
+        self.autocast = precision == "bf16"
+        self.gap = torch.full((len(data),), float("nan"))                        # ‖D_cond − D_cfg‖², per row
+        self.base_forwards = 0                                                    # rows the frozen model ran on
 
-    def losses(self, idx: torch.Tensor, relative: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the paper's loss, the relative loss or None) on the rows `idx`, from one student forward."""
+    def _rows(self, idx: torch.Tensor):
         d, dev = self.data, self.device
         x, u = d.x[idx].to(dev, torch.float32), d.u[idx].to(dev, torch.float32)
         sigma, omega = d.sigma[idx].to(dev), d.omega[idx].to(dev)
-        prompts = d.prompt[idx].tolist()
-        cond = {k: torch.cat([self.conds[p][k] for p in prompts]) for k in self.conds[0]}
+        cond = {k: torch.cat([self.conds[p][k] for p in d.prompt[idx].tolist()]) for k in self.conds[0]}
+        return x, sigma, omega, cond, ak.denoised_from_native(x, u, sigma)
+
+    def gaps(self, idx: torch.Tensor) -> torch.Tensor:
+        """‖D_cond − D_cfg‖² of the rows `idx` (float32, on the device), computing the rows not seen yet."""
+        todo = idx[torch.isnan(self.gap[idx])].unique()
+        if len(todo):
+            x, sigma, _omega, cond, target = self._rows(todo)
+            with torch.no_grad(), trn.saved_copies(self.copy_saved):
+                base = self.p.model.apply_model(x, sigma, transformer_options={**self.base_topts, "sigmas": sigma},
+                                                **cond)
+            self.gap[todo] = ak.sample_mse(base, target).cpu()
+            self.base_forwards += len(todo)
+        return self.gap[idx].to(self.device)
+
+    def losses(self, idx: torch.Tensor, relative: bool = False, *,
+               autocast: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the paper's loss, the relative loss or None) on the rows `idx`, from one student forward (in bfloat16
+        autocast when training at precision bf16, unless `autocast` says otherwise)."""
+        x, sigma, omega, cond, target = self._rows(idx)
         topts = copy.copy(self.topts)
         topts["sigmas"] = sigma
         topts["guidance_lab"] = {**topts.get("guidance_lab", {}), ag.OMEGA_KEY: omega}
-        with trn.saved_copies(self.copy_saved):            # Flux adds residuals in place
-            student = self.p.model.apply_model(x, sigma, transformer_options=topts, **cond).float()
-        target = ak.denoised_from_native(x, u, sigma)
-        err = (student - target).square().flatten(1).mean(1)
+        with trn.saved_copies(self.copy_saved), torch.autocast(x.device.type, torch.bfloat16,
+                                                                enabled=self.autocast if autocast is None
+                                                                else autocast):
+            student = self.p.model.apply_model(x, sigma, transformer_options=topts, **cond)
+        err = ak.sample_mse(student, target)
         paper = (denoising_weight(sigma, self.kind, self.sd) * err).mean()
         if not relative:
             return paper, None
-        with torch.no_grad(), trn.saved_copies(self.copy_saved):
-            base = self.p.model.apply_model(x, sigma, transformer_options={**self.base_topts, "sigmas": sigma},
-                                            **cond).float()
-        return paper, ak.relative_distill_loss(student, target, base).mean()
+        return paper, ak.relative_from_gap(err, self.gaps(idx)).mean()
 
     def loss(self, idx: torch.Tensor, objective: str = "paper") -> torch.Tensor:
         paper, rel = self.losses(idx, objective == "relative")
@@ -117,7 +144,7 @@ class _Batches:
         with torch.no_grad():
             for i in range(0, len(idx), chunk):
                 part = idx[i:i + chunk]
-                paper, rel = self.losses(part, relative)
+                paper, rel = self.losses(part, relative, autocast=False)     # float32: rows compare across runs
                 sums[0] += float(paper) * len(part)
                 sums[1] += float(rel) * len(part) if relative else 0.0
         means = [round(v / len(idx), 6) for v in sums]
@@ -127,13 +154,13 @@ class _Batches:
 def train_agd(model, data: AGDData, *, hidden: int = 320, features: int = 256, use_prompt: bool = True,
               time_token: bool = True, omega_gain: bool = False, top_sites: bool = False, heads: int = 1,
               steps: int = 5000, batch_size: int = 64, learning_rate: float = 1e-4, warmup: float = 0.1,
-              objective: str = "paper", seed: int = 0,
+              objective: str = "paper", precision: str = "fp32", seed: int = 0,
               checkpoint_every: int = 0, checkpoint_prefix: str = "agd/train",
               resume: ag.AGDAdapter | None = None, log=None) -> ag.AGDAdapter:
     """Train (or continue training `resume`) adapters on `data`; returns them (CPU, eval)."""
     t0 = time.perf_counter()
     check(data, steps=steps, batch_size=batch_size, learning_rate=learning_rate, warmup=warmup, hidden=hidden,
-          features=features, objective=objective)
+          features=features, objective=objective, precision=precision)
     check_data(model, data)
     ms = model.get_model_object("model_sampling")
     kind = _KIND.get(family_name(ms))
@@ -158,7 +185,7 @@ def train_agd(model, data: AGDData, *, hidden: int = 320, features: int = 256, u
         comfy.model_management.load_models_gpu([t], memory_required=1e20, force_full_load=True)
         device = t.load_device
         modules.to(device).train().requires_grad_(True)
-        batches = _Batches(t, model, data, device, kind, float(getattr(ms, "sigma_data", 1.0)))
+        batches = _Batches(t, model, data, device, kind, float(getattr(ms, "sigma_data", 1.0)), precision=precision)
         history = [batches.row(0, probe_idx, objective)]
         opt = torch.optim.AdamW(modules.parameters(), lr=learning_rate, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: ak.lr_factor(i, steps, warmup=warmup))
@@ -186,7 +213,7 @@ def train_agd(model, data: AGDData, *, hidden: int = 320, features: int = 256, u
     prior = adapter.info.get("steps", 0) if resume is not None else 0
     adapter.info.update({
         "steps": prior + steps, "batch_size": batch_size, "learning_rate": learning_rate, "warmup": warmup,
-        "objective": objective,
+        "objective": objective, "precision": precision,
         "seed": seed, "model_class": type(model.model).__name__, "model_fingerprint": model_fingerprint(model),
         "omega_min": data.meta["omega_min"], "omega_max": data.meta["omega_max"], "data_steps": data.meta["steps"],
         "sampler": data.meta["sampler"], "scheduler": data.meta["scheduler"], "trajectories": data.meta["trajectories"],

@@ -25,7 +25,9 @@ Pieces (pure torch, no ComfyUI import):
                        denoised terms (DERIVED: ε = (x − α·D)/σ, so ε_s − ε_t = −α·(D_s − D_t)/σ).
     relative_distill_loss
                        ‖D_s − D_t‖²/‖D_c − D_t‖² per sample (Guidance Lab design): the error relative to the
-                       guidance the adapter must add, so every noise level and scale weighs alike.
+                       guidance the adapter must add, so every noise level and scale weighs alike;
+                       `relative_from_gap` is the same from the per-sample parts (`sample_mse`), for a trainer that
+                       keeps each evaluation's gap ‖D_c − D_t‖² instead of recomputing it.
     native_target / denoised_from_native
                        u = (x − D)/σ, the noise-like quantity stored for training (ε on EPS/V states, the velocity
                        on flow states, x = (1−σ)·x0 + σ·n) and its inverse D = x − σ·u; finite at every σ > 0.
@@ -308,9 +310,19 @@ def relative_distill_loss(d_student: torch.Tensor, d_teacher: torch.Tensor, d_co
     guidance it has to add (D_c = the frozen conditional prediction, i.e. the untrained adapter, which scores 1).
     Every (σ, ω) counts alike, where the ε-MSE is ruled by large ω and small σ. The denominator is held at
     ≥ `floor` × its batch mean so a row with almost no guidance (ω ≈ 1) cannot blow up. Guidance Lab design."""
-    err = (d_student.float() - d_teacher.float()).square().flatten(1).mean(1)
-    gap = (d_cond.float() - d_teacher.float()).square().flatten(1).mean(1)
-    return err / gap.clamp_min(floor * gap.mean() + 1e-12)        # a tensor bound: no host sync per step
+    return relative_from_gap(sample_mse(d_student, d_teacher), sample_mse(d_cond, d_teacher), floor=floor)
+
+
+def sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of (a − b)² over all non-batch dims, in float32."""
+    return (a.float() - b.float()).square().flatten(1).mean(1)
+
+
+def relative_from_gap(err: torch.Tensor, gap: torch.Tensor, *, floor: float = 0.01) -> torch.Tensor:
+    """`relative_distill_loss` from its per-sample parts: err = ‖D_s − D_t‖², gap = ‖D_c − D_t‖² (the gap depends on
+    the frozen model only, so a trainer can compute it once per recorded evaluation and keep it)."""
+    gap = gap.float()
+    return err.float() / gap.clamp_min(floor * gap.mean() + 1e-12)     # a tensor bound: no host sync per step
 
 
 def native_target(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -139,14 +139,19 @@ class AGDTrain(io.ComfyNode):
                 io.Combo.Input("objective", options=list(tr.OBJECTIVES), default="paper", tooltip=(
                     "paper = the family's output MSE (ε-MSE on EPS models, as in the paper). relative = Guidance "
                     "Lab design: each sample's error divided by the guidance it has to add (‖D_cfg − D_cond‖²; one "
-                    "extra forward without gradients: about 1.7× the time per step on the demo model), so small ω "
-                    "and high noise levels are learnt too; the ε-MSE is ruled by large ω and the last steps.")),
+                    "extra forward without gradients per recorded evaluation, the first time it is drawn), so small "
+                    "ω and high noise levels are learnt too; the ε-MSE is ruled by large ω and the last steps.")),
                 io.Boolean.Input("omega_gain", default=False, optional=True, tooltip=(
                     "Off = the paper's adapters. On = Guidance Lab design, not the paper's: each adapter's output is "
                     "multiplied by ω − 1. CFG is D_cond + (ω − 1)·(D_cond − D_uncond): the correction grows with "
                     "ω − 1 and is zero at ω = 1, so gained adapters are exactly the base model at ω = 1 and only "
                     "learn what multiplies ω − 1 (no extra parameters or cost). Ignored when resuming. Optional, so "
                     "graphs saved before it existed still run.")),
+                io.Combo.Input("precision", options=list(tr.PRECISIONS), default="fp32", optional=True, tooltip=(
+                    "fp32 = full precision. bf16 = the model's forward in bfloat16 autocast while the adapters, "
+                    "optimizer and loss stay float32: faster on GPUs and on CPUs with bfloat16 matrix units (AMX), "
+                    "slower on other CPUs. The loss history is measured in float32 either way. Optional, so graphs "
+                    "saved before it existed still run.")),
                 AdapterType.Input("resume", optional=True, tooltip=(
                     "Continue training these adapters (their architecture is kept; hidden etc. are ignored).")),
             ],
@@ -156,18 +161,20 @@ class AGDTrain(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, filename_prefix=None, save_to=None, objective=None):
+    def validate_inputs(cls, filename_prefix=None, save_to=None, objective=None, precision=None):
         return (filename_prefix_error("GL_AGDTrain", filename_prefix)
                 or choice_error("GL_AGDTrain", "save_to", save_to, SAVE_TO)
-                or choice_error("GL_AGDTrain", "objective", objective, tr.OBJECTIVES) or True)
+                or choice_error("GL_AGDTrain", "objective", objective, tr.OBJECTIVES)
+                or choice_error("GL_AGDTrain", "precision", precision, tr.PRECISIONS) or True)
 
     @classmethod
     def execute(cls, model, data, hidden, fourier_features, use_prompt, time_token, steps, batch_size,
                 learning_rate, warmup, seed, checkpoint_every, filename_prefix, save_to="gl_agd",
-                objective="paper", omega_gain=False, resume=None) -> io.NodeOutput:
+                objective="paper", omega_gain=False, precision="fp32", resume=None) -> io.NodeOutput:
         adapter = tr.train_agd(model, data, hidden=hidden, features=fourier_features, use_prompt=use_prompt,
                                time_token=time_token, omega_gain=omega_gain, steps=steps, batch_size=batch_size,
                                learning_rate=learning_rate, warmup=warmup, seed=seed, objective=objective,
+                               precision=precision,
                                checkpoint_every=checkpoint_every, checkpoint_prefix="agd/checkpoint", resume=resume)
         history = adapter.info["loss_history"]
         relative = (f" (relative {history[0][2]:.3f} → {history[-1][2]:.3f})" if len(history[-1]) > 2 else "")

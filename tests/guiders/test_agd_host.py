@@ -345,6 +345,45 @@ def test_relative_objective_lowers_its_held_out_loss(col, trn, demo_model, text_
         trn.train_agd(patcher, data, steps=1, objective="l1")
 
 
+def test_relative_gaps_are_computed_once_per_row_and_match_a_fresh_forward(agd, col, trn, demo_model):
+    patcher, clip, _vae = demo_model
+    data = _collect(col, patcher, clip, "agd_test_relative_demo", steps=3)
+    adapter = agd.build_adapters(patcher, hidden=16, features=16)
+    with torch.inference_mode():
+        t = agd.apply_adapters(patcher, _randomise(adapter), 5.0)
+        batches = trn._Batches(t, patcher, data, torch.device("cpu"), "eps", 1.0)
+        idx = torch.tensor([0, 3, 3, 5])
+        gaps = batches.gaps(idx)
+        assert batches.base_forwards == 3 and torch.equal(gaps[1], gaps[2])
+        x, sigma, _omega, cond, target = batches._rows(idx)
+        base = patcher.model.apply_model(x, sigma, transformer_options={"sigmas": sigma}, **cond)
+        expected = (base.float() - target).square().flatten(1).mean(1)
+        torch.testing.assert_close(gaps, expected, rtol=1e-5, atol=1e-9)
+        batches.gaps(torch.tensor([3, 5, 7]))
+        assert batches.base_forwards == 4                              # only row 7 is new
+        # the relative loss from the kept gaps is the one a fresh forward gives
+        paper, rel = batches.losses(idx, True)
+        student = t.model.apply_model(x, sigma, transformer_options={
+            **t.model_options["transformer_options"], "sigmas": sigma,
+            "guidance_lab": {agd.OMEGA_KEY: data.omega[idx]}}, **cond)
+        torch.testing.assert_close(rel, trn.ak.relative_distill_loss(student, target, base).mean(), rtol=1e-5,
+                                   atol=1e-7)
+
+
+def test_bf16_training_lowers_the_loss_and_measures_the_history_in_float32(col, trn, demo_model):
+    patcher, clip, _vae = demo_model
+    data = _collect(col, patcher, clip, "agd_test_relative_demo", steps=3)
+    kw = dict(hidden=16, features=16, steps=12, batch_size=8, learning_rate=1e-2, objective="relative")
+    with torch.inference_mode():
+        bf16 = trn.train_agd(patcher, data, precision="bf16", **kw)
+        fp32 = trn.train_agd(patcher, data, steps=1, **{k: v for k, v in kw.items() if k != "steps"})
+    hist = bf16.info["loss_history"]
+    assert bf16.info["precision"] == "bf16" and hist[-1][2] < 0.97 * hist[0][2]
+    assert hist[0] == fp32.info["loss_history"][0]           # the untrained rows, measured alike in both
+    with pytest.raises(ValueError, match="GL_AGDTrain: precision must be one of fp32, bf16; got 'fp16'"):
+        trn.train_agd(patcher, data, steps=1, precision="fp16")
+
+
 def test_training_on_a_flow_model_lowers_the_held_out_loss(col, trn, text_model):
     patcher, clip = text_model("flux")
     data = _collect(col, patcher, clip, "agd_test_flux", steps=3)

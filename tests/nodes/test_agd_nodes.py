@@ -40,9 +40,10 @@ def test_collect_train_and_apply_nodes(nodes_mod, ag, host, demo_model):
     assert len(saved) == 1 and ag.load(saved[0]).sites == adapter.sites
     with torch.inference_mode():
         out = nodes_mod.AGDTrain.execute(patcher, data, 8, 8, True, True, 2, 4, 1e-3, 0.1, 0, 0, "",
-                                         objective="relative", omega_gain=True)
+                                         objective="relative", omega_gain=True, precision="bf16")
     hist = out.result[0].info["loss_history"]
     assert out.result[0].info["objective"] == "relative" and "saved" not in out.ui.as_dict()["text"][0]
+    assert out.result[0].info["precision"] == "bf16" and adapter.info["precision"] == "fp32"
     assert out.result[0].config["omega_gain"] is True and "omega_gain" not in adapter.config
     assert f"(relative {hist[0][2]:.3f} → {hist[-1][2]:.3f})" in out.ui.as_dict()["text"][0]
     model = nodes_mod.AGDApply.execute(patcher, adapter, 4.0, 1.0).result[0]

@@ -1102,12 +1102,12 @@ def agd_collect_video_latent(bad):
     return g.nodes
 
 
-def _agd_train(g, model=None, prefix="", objective="paper"):
+def _agd_train(g, model=None, prefix="", objective="paper", precision="fp32"):
     demo, clip, _vae = g.demo()
     data = [_collect(g, demo, clip), 0]
     g.add("GL_AGDTrain", model=model or demo, data=data, hidden=4, fourier_features=2, use_prompt=True,
           time_token=True, steps=1, batch_size=2, learning_rate=1e-3, warmup=0.0, seed=0, checkpoint_every=0,
-          filename_prefix=prefix, save_to="output", objective=objective)
+          filename_prefix=prefix, save_to="output", objective=objective, precision=precision)
     return g.nodes
 
 
@@ -1127,6 +1127,11 @@ def agd_train_prefix_outside_folder(bad):
       "validation")
 def agd_train_unknown_objective(bad):
     return _agd_train(Graph(), objective=pick(bad, "eps_l1", "relative"))
+
+
+@case("GL_AGDTrain", r"precision 'fp16' is not one of the options", r"choose one of 'fp32', 'bf16'", "validation")
+def agd_train_unknown_precision(bad):
+    return _agd_train(Graph(), precision=pick(bad, "fp16", "bf16"))
 
 
 def _agd_apply(g, model, adapter="demo_agd.safetensors"):
