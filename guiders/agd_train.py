@@ -92,8 +92,13 @@ class _Batches:
         self.base_topts = base.model_options.get("transformer_options", {})     # without the adapters
         self.copy_saved = ag.family(patcher) != "UNet"
         self.autocast = precision == "bf16"
-        self.gap = torch.full((len(data),), float("nan"))                        # ‖D_cond − D_cfg‖², per row
-        self.base_forwards = 0                                                    # rows the frozen model ran on
+        self.seen = torch.zeros(len(data), dtype=torch.bool)      # on the CPU: which rows to run, without a sync
+        self.gap = torch.zeros(len(data), device=device)            # ‖D_cond − D_cfg‖² of the rows seen
+
+    @property
+    def base_forwards(self) -> int:
+        """Rows the frozen model has run on (each once)."""
+        return int(self.seen.sum())
 
     def _rows(self, idx: torch.Tensor):
         d, dev = self.data, self.device
@@ -104,15 +109,15 @@ class _Batches:
 
     def gaps(self, idx: torch.Tensor) -> torch.Tensor:
         """‖D_cond − D_cfg‖² of the rows `idx` (float32, on the device), computing the rows not seen yet."""
-        todo = idx[torch.isnan(self.gap[idx])].unique()
+        todo = idx[~self.seen[idx]].unique()
         if len(todo):
             x, sigma, _omega, cond, target = self._rows(todo)
             with torch.no_grad(), trn.saved_copies(self.copy_saved):
                 base = self.p.model.apply_model(x, sigma, transformer_options={**self.base_topts, "sigmas": sigma},
                                                 **cond)
-            self.gap[todo] = ak.sample_mse(base, target).cpu()
-            self.base_forwards += len(todo)
-        return self.gap[idx].to(self.device)
+            self.gap[todo.to(self.device)] = ak.per_sample_mse(base, target)
+            self.seen[todo] = True
+        return self.gap[idx.to(self.device)]
 
     def losses(self, idx: torch.Tensor, relative: bool = False, *,
                autocast: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -126,7 +131,7 @@ class _Batches:
                                                                 enabled=self.autocast if autocast is None
                                                                 else autocast):
             student = self.p.model.apply_model(x, sigma, transformer_options=topts, **cond)
-        err = ak.sample_mse(student, target)
+        err = ak.per_sample_mse(student, target)
         paper = (denoising_weight(sigma, self.kind, self.sd) * err).mean()
         if not relative:
             return paper, None

@@ -24,6 +24,11 @@ def per_sample_norm(a: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(a, dim=dims, keepdim=True)
 
 
+def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mean((a_i − b_i)²) over every non-batch dim, in float32: [B]."""
+    return (a.float() - b.float()).square().flatten(1).mean(1)
+
+
 def elements_per_sample(a: torch.Tensor) -> int:
     """d = number of elements of one sample (C*H*W, or C*T*H*W for video latents)."""
     return int(a[0].numel()) if a.shape[0] else 0

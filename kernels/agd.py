@@ -26,7 +26,7 @@ Pieces (pure torch, no ComfyUI import):
     relative_distill_loss
                        ‖D_s − D_t‖²/‖D_c − D_t‖² per sample (Guidance Lab design): the error relative to the
                        guidance the adapter must add, so every noise level and scale weighs alike;
-                       `relative_from_gap` is the same from the per-sample parts (`sample_mse`), for a trainer that
+                       `relative_from_gap` is the same from the per-sample parts (`per_sample_mse`), for a trainer that
                        keeps each evaluation's gap ‖D_c − D_t‖² instead of recomputing it.
     native_target / denoised_from_native
                        u = (x − D)/σ, the noise-like quantity stored for training (ε on EPS/V states, the velocity
@@ -41,6 +41,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ._tensor import per_sample_mse
 
 
 class OmegaEmbedding(nn.Module):
@@ -300,8 +302,7 @@ def distill_loss(d_student: torch.Tensor, d_teacher: torch.Tensor, sigma: torch.
     """Per-sample mean of (D_s − D_t)²·α²/σ² over all non-batch dims (α = 1 for x = x0 + σ·n; flow: α = 1 − σ)."""
     s = sigma.float().reshape(-1)
     a = torch.ones_like(s) if alpha is None else alpha.float().reshape(-1)
-    err = (d_student.float() - d_teacher.float()).square().flatten(1).mean(1)
-    return err * (a / s) ** 2
+    return per_sample_mse(d_student, d_teacher) * (a / s) ** 2
 
 
 def relative_distill_loss(d_student: torch.Tensor, d_teacher: torch.Tensor, d_cond: torch.Tensor, *,
@@ -310,12 +311,7 @@ def relative_distill_loss(d_student: torch.Tensor, d_teacher: torch.Tensor, d_co
     guidance it has to add (D_c = the frozen conditional prediction, i.e. the untrained adapter, which scores 1).
     Every (σ, ω) counts alike, where the ε-MSE is ruled by large ω and small σ. The denominator is held at
     ≥ `floor` × its batch mean so a row with almost no guidance (ω ≈ 1) cannot blow up. Guidance Lab design."""
-    return relative_from_gap(sample_mse(d_student, d_teacher), sample_mse(d_cond, d_teacher), floor=floor)
-
-
-def sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean of (a − b)² over all non-batch dims, in float32."""
-    return (a.float() - b.float()).square().flatten(1).mean(1)
+    return relative_from_gap(per_sample_mse(d_student, d_teacher), per_sample_mse(d_cond, d_teacher), floor=floor)
 
 
 def relative_from_gap(err: torch.Tensor, gap: torch.Tensor, *, floor: float = 0.01) -> torch.Tensor:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from ._tensor import per_sample_mse
+
 TOKEN_MODES = ("last_content", "all_content", "all")
 
 
@@ -135,10 +137,6 @@ def low_rank(delta: torch.Tensor, *, rank: int = 0, energy: float = 0.0) -> tupl
 
 # ------------------------------------------------------------------------- All-but-One style fine-tuning (design)
 
-def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.float() - b.float()).square().flatten(1).mean(1)
-
-
 def surgical_losses(eps_erase: torch.Tensor, eps_uncond: torch.Tensor, ref_alt: torch.Tensor,
                     ref_uncond: torch.Tensor, *, eta: float = 1.0, eps_preserve: torch.Tensor | None = None,
                     ref_preserve: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -150,10 +148,10 @@ def surgical_losses(eps_erase: torch.Tensor, eps_uncond: torch.Tensor, ref_alt: 
         L_p = ‖ε'(x, c_p) − ε(x, c_p)‖²                                   (preserved concepts)
     each a mean over every non-batch element, then over the batch. Returns {"guidance", "uncond", "preserve"}."""
     g = eps_erase - eps_uncond.detach()
-    out = {"guidance": _per_sample_mse(g, eta * (ref_alt - ref_uncond)).mean(),
-           "uncond": _per_sample_mse(eps_uncond, ref_uncond).mean()}
+    out = {"guidance": per_sample_mse(g, eta * (ref_alt - ref_uncond)).mean(),
+           "uncond": per_sample_mse(eps_uncond, ref_uncond).mean()}
     if eps_preserve is not None and ref_preserve is not None:
-        out["preserve"] = _per_sample_mse(eps_preserve, ref_preserve).mean()
+        out["preserve"] = per_sample_mse(eps_preserve, ref_preserve).mean()
     else:
         out["preserve"] = eps_erase.new_zeros((), dtype=torch.float32)
     return out

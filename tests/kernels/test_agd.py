@@ -79,9 +79,9 @@ def test_relative_loss_is_the_error_over_the_guidance_gap_and_scores_the_conditi
     torch.testing.assert_close(out[0], (ds[0] - dt[0]).square().mean() / floor)
     assert torch.isfinite(out).all()
     # the same from its per-sample parts (what a trainer keeps per recorded evaluation)
-    parts = agd.relative_from_gap(agd.sample_mse(ds, dt), agd.sample_mse(dc2, dt), floor=0.01)
+    parts = agd.relative_from_gap(agd.per_sample_mse(ds, dt), agd.per_sample_mse(dc2, dt), floor=0.01)
     assert torch.equal(parts, out)
-    torch.testing.assert_close(agd.sample_mse(ds.half(), dt), (ds.half().float() - dt).square().flatten(1).mean(1))
+    torch.testing.assert_close(agd.per_sample_mse(ds.half(), dt), (ds.half().float() - dt).square().flatten(1).mean(1))
 
 
 def test_additive_adapter_starts_at_zero_and_depends_on_omega_and_vec():
