@@ -5,6 +5,8 @@
     python demo/train_hypernet.py --steps 20 --out /tmp/h.safetensors      # a quick run from scratch
     python demo/train_hypernet.py --resume --fits /tmp/fits.safetensors --fit-subjects 24 --regress-steps 600 \
         --steps 0 --out /tmp/h.safetensors      # experimental weight-space pretraining on directly fitted LoRAs
+    python demo/train_hypernet.py --resume --basis 32 --fits /tmp/protos.safetensors --fit-parallel 8 --steps 0 \
+        --out /tmp/b.safetensors                # basis decoder from 32 directly fitted prototype subjects
 
 Runs GL_HypernetworkTrain's code (`guiders/hypernet_train.train_hypernet`) in the real host (tests/host.py boots
 ComfyUI; `--device cuda` lets it use the GPU) on the demo model and the demo world's training subjects (coarse
@@ -75,6 +77,15 @@ def parse(argv=None):
     w.add_argument("--regress-lr", type=float, default=1e-3)
     w.add_argument("--held-out", type=float, default=0.2,
                    help="share of the fitted subjects kept out of the regression")
+    w.add_argument("--fit-parallel", type=int, default=1, help="subjects fitted together in one batched forward")
+    b = p.add_argument_group("basis decoder from prototype fits (experimental)")
+    b.add_argument("--basis", type=int, default=0,
+                   help="K > 0: choose K prototype training subjects (k-means on the resumed network's subject "
+                        "embeddings), fit each directly into --fits, and build a basis-decoder network from them; "
+                        "then train it end to end for --steps (0: not at all)")
+    b.add_argument("--basis-pool", type=int, default=1000, help="training subjects the prototypes are chosen from")
+    b.add_argument("--basis-temperature", type=float, default=0.02,
+                   help="temperature of the initial mixing weights (softmax over cosine similarity)")
     return p.parse_args(argv)
 
 
@@ -99,13 +110,33 @@ def main(argv=None) -> dict:
                   loss_space="x0" if args.x0_loss else "native", subject_query=args.subject_query)
     t0 = time.perf_counter()
     steps = args.steps
-    if args.fits:
+    if args.basis:
+        from pathlib import Path
+        if net is None or not args.fits:
+            raise SystemExit("--basis needs --resume (its encoder chooses and reads the prototypes) and --fits")
+        protos = ht.choose_prototypes(net, args.basis, pool=args.basis_pool, seed=args.seed)
+        log(f"prototypes: {protos}")
+        fits = ht.load_fits(args.fits) if Path(args.fits).is_file() else None
+        fits = ht.fit_demo_subjects(model, clip, vae, protos, layers=LAYERS, rank=4, steps=args.fit_steps,
+                                    learning_rate=args.fit_lr, images=args.fit_images, fits=fits,
+                                    parallel=args.fit_parallel, after_each=lambda f: ht.save_fits(f, args.fits),
+                                    log=log)
+        net = ht.basis_from_fits(net, fits, protos, temperature=args.basis_temperature)
+        earlier = [dict(net.info)]          # the basis round (it holds the source network's settings)
+        if steps == 0:
+            net.info["command"] = " ".join(["python demo/train_hypernet.py",
+                                            *recorded_args(sys.argv[1:] if argv is None else argv)])
+            out = hn.save(net, args.out)
+            log(f"wrote {out}: basis decoder from {len(protos)} prototype fits")
+            return net.info
+    elif args.fits:
         from pathlib import Path
         fits = ht.load_fits(args.fits) if Path(args.fits).is_file() else None
         if args.fit_subjects:
             fits = ht.fit_demo_subjects(model, clip, vae, list(range(args.fit_subjects)), layers=LAYERS, rank=4,
                                         steps=args.fit_steps, learning_rate=args.fit_lr, images=args.fit_images,
-                                        fits=fits, after_each=lambda f: ht.save_fits(f, args.fits), log=log)
+                                        fits=fits, parallel=args.fit_parallel,
+                                        after_each=lambda f: ht.save_fits(f, args.fits), log=log)
         if args.regress_steps:
             if net is None or fits is None:
                 raise SystemExit("--regress-steps needs --resume (a network to start from) and a --fits collection")

@@ -128,7 +128,8 @@ def load(path: str | Path, *, node: str = "GL_HypernetworkLoader") -> Hypernet:
     with torch.inference_mode(False):
         module = hk.HyperNetwork(targets, json.loads(meta["config"]))
         missing, unexpected = module.load_state_dict(sd, strict=False)
-    if not module.config["subject_query"]:          # the pretraining head: only the subject-query path reads it
+    if not module.config["subject_query"] and module.config["decoder"] != "basis":
+        # the pretraining head: only the subject-query path and the basis decoder read it
         missing = [k for k in missing if not k.startswith("project.")]
     if missing or unexpected:
         raise HypernetError(f"{node}: '{path.name}' does not match its own metadata (missing {missing[:3]}, "

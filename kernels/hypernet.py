@@ -17,6 +17,11 @@ labelled DESIGN of methods.md (after HyperDreamBooth / HyperLoRA), with two imag
       → linear heads shared by the targets of one shape: A [r, in] from the A query, B [out, r] from the B query
     ΔW_l = B_l·A_l (scale 1). The B heads start at zero, so an untrained hypernetwork predicts ΔW = 0 exactly.
 
+    decoder "basis" instead of the queries (HyperLoRA's LoRA-basis idea): the pooled subject embedding (the one the
+    encoder is pretrained with) → K mixing weights c = softmax(W·ẑ + b) → ΔW_l = (Σ_k c_k·B_{k,l})·A_l, with K
+    learned up-projections per target and one learned down-projection A_l (zero B: ΔW = 0 before training). The
+    host initialises it from directly fitted prototype subjects (guiders/hypernet_train.basis_from_fits).
+
 The method's design uses a frozen pretrained image encoder ("clip_vision" when one is at hand). Without pretrained
 weights, the "conv" encoder can be pretrained on the training subjects with a subject-contrastive objective
 (InfoNCE between two image sets of each subject: `contrastive_loss`) and then frozen — the pack's stand-in for a
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ENCODERS = ("conv", "clip_vision")
+DECODERS = ("queries", "basis")
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,11 @@ class Target:
 def default_config(**overrides) -> dict:
     """The hypernetwork's hyper-parameters (stored in the file's metadata)."""
     cfg = {"rank": 2, "width": 128, "depth": 2, "heads": 4, "image_size": 32, "encoder": "conv",
-           "encoder_channels": [32, 64, 128], "feature_dim": 0, "feature_tokens": 0, "subject_query": False}
+           "encoder_channels": [32, 64, 128], "feature_dim": 0, "feature_tokens": 0, "subject_query": False,
+           "decoder": "queries", "basis_size": 0}
     # image_size / encoder_channels: the conv encoder; feature_dim / feature_tokens (d_feat, T): the clip_vision one;
-    # subject_query: the pooled subject embedding is added to every query (see HyperNetwork.forward)
+    # subject_query: the pooled subject embedding is added to every query (see HyperNetwork.forward);
+    # decoder "queries" (attention decoder) or "basis" with basis_size K (see HyperNetwork.forward)
     unknown = set(overrides) - set(cfg)
     if unknown:
         raise ValueError(f"unknown hypernetwork settings {sorted(unknown)}; known: {sorted(cfg)}")
@@ -125,6 +133,11 @@ class HyperNetwork(nn.Module):
         if cfg["encoder"] == "clip_vision" and (cfg["feature_dim"] < 1 or cfg["feature_tokens"] < 1):
             raise ValueError("encoder clip_vision needs the features' width and token count (feature_dim, "
                              f"feature_tokens >= 1); got {cfg['feature_dim']}, {cfg['feature_tokens']}")
+        if cfg["decoder"] not in DECODERS:
+            raise ValueError(f"decoder {cfg['decoder']!r}: choose one of {', '.join(DECODERS)}")
+        if cfg["decoder"] == "basis" and (cfg["basis_size"] < 1 or cfg["subject_query"]):
+            raise ValueError("decoder basis needs basis_size >= 1 and no subject_query; got "
+                             f"{cfg['basis_size']}, {cfg['subject_query']}")
         self.config, self.targets = cfg, list(targets)
         width, r = cfg["width"], cfg["rank"]
         if self.reads_features:
@@ -132,6 +145,14 @@ class HyperNetwork(nn.Module):
         else:
             self.encoder = ConvEncoder(list(cfg["encoder_channels"]), width, cfg["image_size"])
         self.project = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+        if cfg["decoder"] == "basis":
+            k = cfg["basis_size"]
+            self.coefficients = nn.Linear(width, k)
+            nn.init.normal_(self.coefficients.weight, std=width ** -0.5)
+            nn.init.zeros_(self.coefficients.bias)
+            self.downs = nn.ParameterList(nn.Parameter(torch.randn(r, t.in_dim) * t.in_dim ** -0.5) for t in targets)
+            self.ups = nn.ParameterList(nn.Parameter(torch.zeros(k, t.out_dim, r)) for t in targets)   # ΔW = 0
+            return
         self.queries = nn.Parameter(torch.randn(2 * len(targets), width) * 0.02)
         self.blocks = nn.ModuleList(_Block(width, cfg["heads"]) for _ in range(cfg["depth"]))
         self.norm = nn.LayerNorm(width)
@@ -178,6 +199,11 @@ class HyperNetwork(nn.Module):
         encoder contrastively; not part of the factor path."""
         return self._pooled(self.encode(images))
 
+    def basis_weights(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Reference tokens [S, n·T, width] → the basis decoder's mixing weights [S, K] (softmax of a linear map of
+        the unit-length subject embedding)."""
+        return torch.softmax(self.coefficients(F.normalize(self._pooled(tokens), dim=1)).float(), dim=1)
+
     def _pooled(self, tokens: torch.Tensor) -> torch.Tensor:
         """Reference tokens [S, n·T, width] → the subject embedding [S, width] (max over tokens, projection head)."""
         return self.project(tokens.amax(dim=1))
@@ -185,8 +211,16 @@ class HyperNetwork(nn.Module):
     def forward(self, inputs: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """With `subject_query` (DESIGN), every query also gets W·z + b, z the pooled subject embedding of
         `subject_embedding` (the head the encoder was pretrained with to tell subjects apart), so the factors see
-        which subject this is directly, not only through cross-attention over mostly-background tokens."""
+        which subject this is directly, not only through cross-attention over mostly-background tokens.
+
+        Decoder "basis" (DESIGN, after HyperLoRA's LoRA basis): K learned up-projections per target and one learned
+        down-projection A_l; the network predicts K mixing weights c = softmax(W·ẑ + b) from the unit-length
+        subject embedding ẑ, and ΔW_l = (Σ_k c_k·B_{k,l})·A_l — rank r, however large K."""
         tokens = self.encode(inputs)
+        if self.config["decoder"] == "basis":
+            c = self.basis_weights(tokens)
+            return {t.key: (torch.einsum("sk,kor->sor", c, up), down.unsqueeze(0).expand(len(c), -1, -1))
+                    for t, up, down in zip(self.targets, self.ups, self.downs)}
         q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         if self.config["subject_query"]:
             q = q + self.subject_in(self._pooled(tokens))[:, None]
@@ -230,6 +264,28 @@ class DirectLoRA(nn.Module):
 
     def forward(self, inputs: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {k: (b[None], a[None]) for k, b, a in zip(self.keys, self.b, self.downs())}
+
+
+def row_lora_linear(x: torch.Tensor, a: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
+    """A Linear's LoRA term with one up-projection per batch row and a shared down-projection: x [N, ..., in],
+    a [r, in], b_rows [N, out, r] → [N, ..., out] = x·(B_n·A)ᵀ per row n (ΔW is never formed). Many subjects'
+    LoRAs fitted in one batched forward (rows of subject s use B_s)."""
+    h = x.reshape(x.shape[0], -1, x.shape[-1]) @ a.to(x.dtype).T                 # [N, L, r]
+    out = h @ b_rows.to(x.dtype).transpose(1, 2)                                # [N, L, out]
+    return out.reshape(*x.shape[:-1], b_rows.shape[1])
+
+
+def row_lora_conv2d(x: torch.Tensor, a: torch.Tensor, b_rows: torch.Tensor, *, stride=1, padding=0,
+                    dilation=1) -> torch.Tensor:
+    """A Conv2d's LoRA term, per-row up-projection, shared down-projection: x [N, in, H, W], a [r, in·k·k] (the
+    [out, in·k·k] layout LoRA files use for convolutions), b_rows [N, out, r] → [N, out, H', W'] = conv(x, B_n·A)
+    per row: the down-projection is a k×k convolution to r channels, the up-projection a per-row 1×1 map."""
+    r, k2 = a.shape[0], a.shape[1] // x.shape[1]
+    k = int(round(math.sqrt(k2)))
+    if k * k * x.shape[1] != a.shape[1]:
+        raise ValueError(f"row_lora_conv2d: A {tuple(a.shape)} is not [r, {x.shape[1]}·k·k] for a square kernel")
+    h = F.conv2d(x, a.to(x.dtype).reshape(r, x.shape[1], k, k), None, stride, padding, dilation)
+    return torch.einsum("nrhw,nor->nohw", h, b_rows.to(x.dtype))
 
 
 def contrastive_loss(za: torch.Tensor, zb: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:

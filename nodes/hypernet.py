@@ -17,7 +17,10 @@ DESIGN_NOTE = (
     "subject images with a network trained end to end with an output regularisation; its encoder, decoder, layer "
     "set and rank are not confirmed, so this architecture is Guidance Lab's design (image encoder: a small trainable "
     "conv encoder, or a connected CLIP vision model's penultimate features through a trainable projection → one "
-    "learned query per target weight and factor → shared linear heads; rank-r LoRA; B heads start at zero).")
+    "learned query per target weight and factor → shared linear heads; rank-r LoRA; B heads start at zero). The "
+    "shipped demo_hypernet.safetensors uses the pack's basis decoder instead (after HyperLoRA): the subject "
+    "embedding picks softmax weights over 32 learned up-projections (initialised from directly fitted prototype "
+    "subjects), ΔW = (Σ c_k B_k)·A, then trained end to end; training continues either kind (resume).")
 
 
 @register

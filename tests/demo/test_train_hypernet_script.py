@@ -36,3 +36,27 @@ def test_resume_two_steps_writes_a_loadable_file(tmp_path, host):
                if not k.startswith("project.") and not (v == shipped.module.state_dict()[k]).all()]
     assert changed, "two training steps changed no weight"
     json.dumps(trained.info)                      # the metadata stays JSON
+
+
+def test_basis_from_prototype_fits_then_end_to_end(tmp_path, host):
+    """--basis: prototypes chosen by the shipped network's encoder, fitted into the --fits collection (batched),
+    a basis-decoder network built from them and trained one step end to end; the file loads and records the
+    prototypes, and a second run reuses the fits."""
+    import host as host_module
+    out, fits = tmp_path / "b.safetensors", tmp_path / "fits.safetensors"
+    env = {**os.environ, "GL_COMFYUI_ROOT": str(host_module.comfy_root())}
+    cmd = [sys.executable, str(REPO / "demo" / "train_hypernet.py"), "--resume", "--basis", "2", "--basis-pool", "6",
+           "--fits", str(fits), "--fit-steps", "2", "--fit-images", "4", "--fit-parallel", "2", "--steps", "1",
+           "--subjects-per-step", "1", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    hn, ht = host.pack("guiders.hypernet"), host.pack("guiders.hypernet_train")
+    net, collection = hn.load(out), ht.load_fits(fits)
+    basis = net.info["rounds"][-1]["basis"]
+    assert net.module.config["decoder"] == "basis" and net.module.config["basis_size"] == len(basis["prototypes"])
+    assert sorted(collection["B"]) == sorted(basis["prototypes"]) and basis["temperature"] == 0.02
+    assert net.info["loss_history"][-1][0] == 1 and net.info["command"].startswith("python demo/train_hypernet.py")
+    again = subprocess.run([*cmd[:-2], "--steps", "0", "--out", str(tmp_path / "c.safetensors")], capture_output=True,
+                           text=True, env=env, timeout=600, cwd=str(REPO))
+    assert again.returncode == 0 and "fitted" not in again.stdout + again.stderr, again.stderr[-2000:]
+    json.dumps(net.info)

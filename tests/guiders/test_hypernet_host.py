@@ -598,3 +598,111 @@ def test_weight_space_pretraining_on_fitted_subjects(ht, hn, demo_model, tmp_pat
     bad = {**back, "A": {**back["A"], "diffusion_model.nowhere.weight": torch.zeros(2, 3)}}
     with pytest.raises(Exception, match=r"regress_hypernet: 1 fitted weights are not the network's targets"):
         ht.regress_hypernet(net, bad, steps=1)
+
+
+def test_batched_fits_match_patched_models_and_lower_every_subjects_loss(ht, hn, demo_model):
+    """fit_loras_together (several subjects' LoRAs in one batched forward, shared A): its row hooks give each row
+    exactly the output of the model patched with that row's subject LoRA (attention, feed-forward and 3×3
+    convolutions); a fit lowers every subject's probe loss, shares fit_lora's A and leaves no hook behind."""
+    import comfy.lora
+    from demo import subjects as sj
+    patcher, clip, vae = demo_model
+    layers = "attention + feed-forward + convolutions (UNet)"
+    targets = hn.targets_for(patcher, layers)
+    assert any(".in_layers.2." in t.key for t in targets)
+    before = original_weights(patcher)
+    g = torch.Generator().manual_seed(3)
+    downs = dict(zip([t.key for t in targets], hn.hk.DirectLoRA(targets, 2, train_down=False, seed=0).downs()))
+    ups = {t.key: torch.randn(2, t.out_dim, 2, generator=g) * 0.05 for t in targets}
+    images, captions, _labels = sj.images(sj.subject(0), 0, 3, size=32)
+    x0 = ht._latent(vae, patcher, images)
+    sigma = torch.tensor([2.0, 0.7, 5.0])
+    x = x0 + sigma[:, None, None, None] * torch.randn(x0.shape, generator=g)
+    cond = ht.tr.cat_conds([ht.tr.model_conds(patcher.model, clip, clip.tokenize(c), 1, "cpu", x0[:1], "t")
+                            for c in captions])
+    rows = torch.tensor([0, 1, 0])
+    with torch.inference_mode():
+        hooks = ht._RowLoRAs(patcher.model.diffusion_model, targets, downs, ups, "test")
+        hooks.rows = rows
+        with hooks:
+            got = patcher.model.apply_model(x, sigma, **cond)
+        assert all(not m._forward_hooks for m in patcher.model.diffusion_model.modules())
+        keys = comfy.lora.model_lora_keys_unet(patcher.model, {})
+        for s in (0, 1):
+            m = patcher.clone()
+            m.add_patches(comfy.lora.load_lora(hn.lora_state_dict({k: (ups[k][s], downs[k]) for k in ups}), keys,
+                                               log_missing=False), 1.0)
+            m.patch_model()
+            try:
+                want = m.model.apply_model(x, sigma, **cond)
+            finally:
+                m.unpatch_model()
+            sel = rows == s
+            torch.testing.assert_close(got[sel], want[sel], rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in original_weights(patcher).items())
+    # a batched fit of three subjects
+    sets = [sj.images(sj.subject(i), 0, 6, size=32)[:2] for i in range(3)]
+    with torch.inference_mode():
+        a, bs, info = ht.fit_loras_together(patcher, clip, vae, sets, layers=layers, rank=2, steps=30,
+                                            learning_rate=1e-2, batch=3, down_seed=0)
+        one, _ = ht.fit_lora(patcher, clip, vae, sets[0][0], sets[0][1], layers=layers, rank=2, steps=1,
+                             train_down=False, seed=5, down_seed=0)
+    assert len(bs) == 3 and all(after < before for before, after in info["probe_loss"]), info["probe_loss"]
+    assert all(torch.equal(a[k], one[k][1]) for k in a)
+    assert all(not torch.equal(bs[0][k], bs[1][k]) and float(bs[2][k].abs().max()) > 0 for k in a)
+    assert all(not m._forward_hooks for m in patcher.model.diffusion_model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in original_weights(patcher).items())
+    with pytest.raises(Exception, match=r"fit_loras_together: images must be \[N, 3, H, W\] with one caption each"):
+        ht.fit_loras_together(patcher, clip, vae, [(sets[0][0], sets[0][1][:2])], layers=layers)
+    with torch.inference_mode():
+        fits = ht.fit_demo_subjects(patcher, clip, vae, [0, 1, 2], layers="cross-attention k/v (UNet)", rank=2,
+                                    steps=3, images=4, parallel=2)
+    kv = {t.key for t in hn.targets_for(patcher, "cross-attention k/v (UNet)")}
+    assert sorted(fits["B"]) == [0, 1, 2] and set(fits["A"]) == kv and set(fits["B"][2]) == kv
+    assert all(not torch.equal(fits["B"][0][k], fits["B"][2][k]) for k in kv)
+
+
+def test_basis_hypernetwork_from_prototype_fits(ht, hn, demo_model, tmp_path):
+    """Basis decoder built from directly fitted prototype subjects: the prototypes are distinct training subjects;
+    at a small temperature a prototype's own references give back its fitted ΔW; the file round-trips; it
+    personalizes a batch of 2 and resumes end-to-end training; bad inputs get clear errors."""
+    from pathlib import Path
+    patcher, clip, vae = demo_model
+    # the shipped network: an encoder that tells subjects apart
+    net = hn.load(Path(__file__).resolve().parents[2] / "demo" / "weights" / "demo_hypernet.safetensors")
+    layers = net.layers
+    protos = ht.choose_prototypes(net, 3, pool=12)
+    assert len(protos) == len(set(protos)) >= 2 and all(0 <= i < 12 for i in protos)
+    with torch.inference_mode():
+        fits = ht.fit_demo_subjects(patcher, clip, vae, protos, layers=layers, rank=2, steps=4, images=4,
+                                    learning_rate=3e-2, parallel=3)
+    basis = ht.basis_from_fits(net, fits, protos, temperature=1e-4)
+    assert basis.module.config["decoder"] == "basis" and basis.module.config["basis_size"] == len(protos)
+    for k, i in enumerate(protos):
+        refs = ht._demo_references(net, i, 0, 3)[None]
+        c = basis.module.basis_weights(basis.module.encode(refs))
+        assert int(c.argmax()) == k and float(c.max()) > 0.99, c
+        got = hn.hk.deltas(basis.module(refs))
+        for key, a in fits["A"].items():
+            torch.testing.assert_close(got[key], fits["B"][i][key] @ a, rtol=2e-2, atol=1e-6)
+    path = hn.save(basis, tmp_path / "basis.safetensors")
+    back = hn.load(path)
+    refs = ht._demo_references(net, protos[0], 5, 3)[None]
+    torch.testing.assert_close(hn.hk.deltas(back.module(refs)), hn.hk.deltas(basis.module(refs)))
+    pos, neg = encode(clip, "a red circle"), encode(clip, "")
+    m, _hooks, _lora = hn.personalize(patcher, refs[0].permute(0, 2, 3, 1), back)
+    out, base = run(m, pos, neg, 3.0, batch=2, size=32), run(patcher, pos, neg, 3.0, batch=2, size=32)
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    with torch.inference_mode():
+        more = ht.train_hypernet(patcher, clip, vae, layers=layers, steps=2, resume=back, subjects=8,
+                                 subjects_per_step=1, target_images=2, learning_rate=1e-3, warmup=0)
+    assert more.module.config["decoder"] == "basis"
+    assert any(not torch.equal(a, b) for a, b in zip(more.module.ups, back.module.ups))
+    with pytest.raises(Exception, match="has the basis decoder, which has no decoder queries"):
+        ht.train_hypernet(patcher, clip, vae, layers=layers, steps=1, resume=back, subject_query=True)
+    with pytest.raises(Exception, match="basis_from_fits: prototypes \\[999\\] have no fitted LoRA"):
+        ht.basis_from_fits(net, fits, [999])
+    with pytest.raises(Exception, match="temperature must be > 0"):
+        ht.basis_from_fits(net, fits, protos, temperature=0)
+    with pytest.raises(Exception, match="need 1 <= count <= pool"):
+        ht.choose_prototypes(net, 20, pool=12)

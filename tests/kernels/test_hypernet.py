@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kernels import hypernet as hk
 
@@ -276,3 +277,54 @@ def test_delta_distance_is_the_relative_frobenius_distance_of_the_products():
     torch.testing.assert_close(hk.delta_distance(zero, want), torch.ones(2))      # predicting ΔW = 0 scores 1
     with pytest.raises(ValueError, match="no target factors"):
         hk.delta_distance(pred, {})
+
+
+def test_row_lora_terms_equal_each_rows_own_weight_delta():
+    """Per-row LoRA with a shared A: row n of the term equals the layer run with ΔW_n = B_n·A alone (linear on
+    [N, L, in] tokens, 3×3 convolution with stride and padding), so one batched forward fits many subjects."""
+    g = torch.Generator().manual_seed(0)
+    n, r = 3, 2
+    x = torch.randn(n, 5, 7, generator=g)
+    a, b = torch.randn(r, 7, generator=g), torch.randn(n, 4, r, generator=g)
+    got = hk.row_lora_linear(x, a, b)
+    want = torch.stack([x[i] @ (b[i] @ a).T for i in range(n)])
+    torch.testing.assert_close(got, want)
+    xc = torch.randn(n, 6, 9, 9, generator=g)
+    ac, bc = torch.randn(r, 6 * 9, generator=g), torch.randn(n, 5, r, generator=g)
+    got = hk.row_lora_conv2d(xc, ac, bc, stride=2, padding=1)
+    want = torch.cat([F.conv2d(xc[i:i + 1], (bc[i] @ ac).reshape(5, 6, 3, 3), None, 2, 1) for i in range(n)])
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="not \\[r, 6·k·k\\]"):
+        hk.row_lora_conv2d(xc, torch.randn(r, 6 * 8), bc)
+
+
+def test_basis_decoder_mixes_its_up_projections_by_the_subject_embedding():
+    """Decoder basis: ΔW = 0 before training; then ΔW_l = (Σ_k c_k B_k,l)·A_l with c = softmax of the embedding's
+    map (rows sum to 1, differ between subjects), rank r whatever K; gradients reach every part; bad settings are
+    refused."""
+    targets = [hk.Target("a.weight", 6, 5), hk.Target("b.weight", 4, 6)]
+    torch.manual_seed(0)
+    net = hk.HyperNetwork(targets, {"rank": 2, "width": 16, "heads": 2, "image_size": 8,
+                                    "encoder_channels": [4, 4, 8], "decoder": "basis", "basis_size": 3})
+    assert not hasattr(net, "queries") and not hasattr(net, "blocks")
+    refs = torch.rand(2, 3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = net(refs)
+    assert all(float(d.detach().abs().max()) == 0 for d in hk.deltas(out, 0).values())
+    with torch.no_grad():
+        for up in net.ups:
+            up.normal_()
+    out = net(refs)
+    c = net.basis_weights(net.encode(refs))
+    assert c.shape == (2, 3) and torch.allclose(c.sum(1), torch.ones(2)) and not torch.allclose(c[0], c[1])
+    for s in (0, 1):
+        for t, up, down in zip(targets, net.ups, net.downs):
+            want = sum(c[s, k] * up[k] for k in range(3)) @ down
+            torch.testing.assert_close(hk.deltas(out, s)[t.key], want)
+            assert out[t.key][0].shape == (2, t.out_dim, 2) and out[t.key][1].shape == (2, 2, t.in_dim)
+    hk.output_penalty(out).backward()
+    for name in ("coefficients.weight", "ups.0", "downs.1", "encoder.net.0.weight", "project.0.weight"):
+        assert float(dict(net.named_parameters())[name].grad.abs().max()) > 0, name
+    for bad, match in (({"decoder": "tree"}, "decoder 'tree'"), ({"decoder": "basis"}, "basis_size >= 1"),
+                       ({"decoder": "basis", "basis_size": 2, "subject_query": True}, "no subject_query")):
+        with pytest.raises(ValueError, match=match):
+            hk.HyperNetwork(targets, {"width": 16, "heads": 2, **bad})
