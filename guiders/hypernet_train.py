@@ -349,6 +349,22 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
     return hn_mod.Hypernet(module, fam, layers, "trained", info)
 
 
+def _check_fit_inputs(name: str, clip, vae, sets, steps: int, batch: int, learning_rate: float) -> None:
+    """Clear errors for direct LoRA fits: CLIP and VAE present, each subject's images [N, 3, H, W] with one caption
+    each, steps and batch >= 1, a positive learning rate."""
+    if clip is None or vae is None:
+        raise hn_mod.HypernetError(f"{name}: needs the model's CLIP (captions) and VAE (encodes the images)")
+    if not sets:
+        raise hn_mod.HypernetError(f"{name}: no subjects to fit")
+    for images, captions in sets:
+        if images.ndim != 4 or images.shape[1] != 3 or len(images) != len(captions) or len(images) < 1:
+            raise hn_mod.HypernetError(f"{name}: images must be [N, 3, H, W] with one caption each; got "
+                                       f"{tuple(images.shape)} and {len(captions)} captions")
+    if steps < 1 or batch < 1 or not learning_rate > 0:
+        raise hn_mod.HypernetError(f"{name}: steps and batch must be >= 1 and learning_rate > 0; got {steps}, "
+                                   f"{batch}, {learning_rate}")
+
+
 def fit_lora(model, clip, vae, images: torch.Tensor, captions: list[str], *, layers: str = "attention",
              rank: int = 4, steps: int = 400, learning_rate: float = 3e-3, batch: int = 4,
              min_snr_gamma: float = 5.0, train_down: bool = True, seed: int = 0, down_seed: int | None = None,
@@ -361,14 +377,7 @@ def fit_lora(model, clip, vae, images: torch.Tensor, captions: list[str], *, lay
     fits of several subjects with train_down False and one down_seed share A and differ only in B. The shared model
     is left clean; progress bar; interruptible."""
     t0 = time.perf_counter()
-    if clip is None or vae is None:
-        raise hn_mod.HypernetError(f"{name}: needs the model's CLIP (captions) and VAE (encodes the images)")
-    if images.ndim != 4 or images.shape[1] != 3 or len(images) != len(captions) or len(images) < 1:
-        raise hn_mod.HypernetError(f"{name}: images must be [N, 3, H, W] with one caption each; got "
-                                   f"{tuple(images.shape)} and {len(captions)} captions")
-    if steps < 1 or batch < 1 or not learning_rate > 0:
-        raise hn_mod.HypernetError(f"{name}: steps and batch must be >= 1 and learning_rate > 0; got {steps}, "
-                                   f"{batch}, {learning_rate}")
+    _check_fit_inputs(name, clip, vae, [(images, captions)], steps, batch, learning_rate)
     targets, fam = hn_mod.targets_for(model, layers, node=name), hn_mod.family(model)
     ms = model.get_model_object("model_sampling")
     kind = _prediction_kind(ms, name)
@@ -472,17 +481,7 @@ def fit_loras_together(model, clip, vae, sets: list[tuple[torch.Tensor, list[str
     faster per subject than one fit at a time (0.18 s against 0.195 s per subject and step: the CPU is busy at
     batch 4 already); the batching is for accelerators, where a tiny model at batch 4 leaves the device idle."""
     t0 = time.perf_counter()
-    if clip is None or vae is None:
-        raise hn_mod.HypernetError(f"{name}: needs the model's CLIP (captions) and VAE (encodes the images)")
-    if not sets:
-        raise hn_mod.HypernetError(f"{name}: no subjects to fit")
-    for images, captions in sets:
-        if images.ndim != 4 or images.shape[1] != 3 or len(images) != len(captions) or len(images) < 1:
-            raise hn_mod.HypernetError(f"{name}: images must be [N, 3, H, W] with one caption each; got "
-                                       f"{tuple(images.shape)} and {len(captions)} captions")
-    if steps < 1 or batch < 1 or not learning_rate > 0:
-        raise hn_mod.HypernetError(f"{name}: steps and batch must be >= 1 and learning_rate > 0; got {steps}, "
-                                   f"{batch}, {learning_rate}")
+    _check_fit_inputs(name, clip, vae, sets, steps, batch, learning_rate)
     targets = hn_mod.targets_for(model, layers, node=name)
     ms = model.get_model_object("model_sampling")
     kind = _prediction_kind(ms, name)
@@ -716,7 +715,6 @@ def regress_hypernet(net: hn_mod.Hypernet, fits: dict, *, steps: int, learning_r
     reference draws) says whether the mapping generalises to subjects it did not see."""
     import copy
 
-    from ..demo import subjects as sj
     t0 = time.perf_counter()
     if net.module.reads_features:
         raise hn_mod.HypernetError("regress_hypernet: conv hypernetworks only (the demo subjects are rendered)")
@@ -729,11 +727,9 @@ def regress_hypernet(net: hn_mod.Hypernet, fits: dict, *, steps: int, learning_r
     train_ids, held_ids = ids[:len(ids) - n_held], ids[len(ids) - n_held:]
     if not train_ids:
         raise hn_mod.HypernetError("regress_hypernet: no fitted subjects left to train on")
-    size = net.module.config["image_size"]
 
     def refs(idx: int, gen: torch.Generator) -> torch.Tensor:
-        start = int(torch.randint(1000, 100_000, (1,), generator=gen))
-        return hk.resize_images(sj.images(sj.subject(idx), start, ref_images, seed=0, size=size)[0], size)
+        return _demo_references(net, idx, int(torch.randint(1000, 100_000, (1,), generator=gen)), ref_images)
 
     def targets(batch: list[int]) -> dict:
         return {k: (torch.stack([fits["B"][i][k] for i in batch]), a[None].expand(len(batch), -1, -1))
