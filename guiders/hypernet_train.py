@@ -54,6 +54,7 @@ import comfy.model_management
 import comfy.utils
 
 from ..kernels import hypernet as hk
+from ..kernels._tensor import per_sample_mse
 from . import hypernet as hn_mod
 from . import training as tr
 from .family import family_name
@@ -492,10 +493,9 @@ def fit_loras_together(model, clip, vae, sets: list[tuple[torch.Tensor, list[str
                                       hk.DirectLoRA(targets, rank, train_down=False, seed=down_seed).downs())}
         t = model.clone()
         device = t.load_device
-        probe_x = _latent(vae, model, sets[0][0][:1].float())
-        caps = sorted({c for _images, captions in sets for c in captions})
-        conds = {c: tr.model_conds(t.model, clip, clip.tokenize(c), 1, device, probe_x, name) for c in caps}
         latents = [_latent(vae, model, images.float()) for images, _captions in sets]
+        caps = sorted({c for _images, captions in sets for c in captions})
+        conds = {c: tr.model_conds(t.model, clip, clip.tokenize(c), 1, device, latents[0][:1], name) for c in caps}
         comfy.model_management.load_models_gpu([t], memory_required=1e20, force_full_load=True)
         downs = {k: a.to(device) for k, a in downs.items()}
         ups = {tg.key: torch.zeros(n_sets, tg.out_dim, rank, device=device, requires_grad=True) for tg in targets}
@@ -517,7 +517,7 @@ def fit_loras_together(model, clip, vae, sets: list[tuple[torch.Tensor, list[str
             cond = tr.cat_conds([conds[c] for c in d["caps"]])
             with tr.saved_copies(hn_mod.family(model) != "UNet"):
                 out = t.model.apply_model(x, sigma, **cond).float()
-            err = (out - x0.float()).square().flatten(1).mean(1)
+            err = per_sample_mse(out, x0)
             per_row = hk.denoising_weight(sigma, kind, sd, min_snr_gamma) * err
             return per_row.reshape(n_sets, batch).mean(1)
 
@@ -901,7 +901,7 @@ class _Stepper:
         cond = tr.cat_conds([self.conds[c] for c in draw["caps"]])
         with tr.saved_copies(self.copy_saved):
             d = self.p.model.apply_model(x, sigma, **cond).float()
-        err = (d - x0.float()).square().flatten(1).mean(1)
+        err = per_sample_mse(d, x0)
         if self.loss_space == "x0":
             loss = err.mean()
         else:
