@@ -38,7 +38,9 @@ fitted subjects held out to tell whether the mapping generalises. `choose_protot
 basis-decoder network (kernels/hypernet.py, DESIGN): K prototype training subjects chosen by k-means on the
 encoder's subject embeddings, fitted directly (`fit_loras_together` fits several in one batched forward), become its
 K up-projections, and the mixing map starts as a softmax over the cosine similarity to the prototypes; end-to-end
-training (`train_hypernet`, resume) then continues it like any hypernetwork.
+training (`train_hypernet`, resume) then continues it like any hypernetwork. `build_basis` (GL_HypernetworkBasis)
+runs those steps on demo subjects or on a folder's subjects (`kmeans_prototypes` on their embeddings, then
+`fit_loras_together` on each chosen sub-folder's images).
 """
 from __future__ import annotations
 
@@ -640,17 +642,14 @@ def _unit_embeddings(net: hn_mod.Hypernet, refs: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(net.module.subject_embedding(refs), dim=1)
 
 
-def choose_prototypes(net: hn_mod.Hypernet, count: int, *, pool: int = 1000, ref_images: int = 3,
-                      seed: int = 0) -> list[int]:
-    """`count` demo training subjects that cover the subjects as the network's encoder sees them (DESIGN): k-means
-    (cosine, `seed`ed start) on the unit subject embeddings of training subjects 0..pool-1 (their first
-    `ref_images` images), then the member nearest each cluster's centre."""
-    if net.module.reads_features:
-        raise hn_mod.HypernetError("choose_prototypes: conv hypernetworks only (the demo subjects are rendered)")
-    if not 1 <= count <= pool:
-        raise hn_mod.HypernetError(f"choose_prototypes: need 1 <= count <= pool; got {count}, {pool}")
-    z = _unit_embeddings(net, torch.stack([_demo_references(net, i, 0, ref_images) for i in range(pool)]))
-    centres = z[torch.randperm(pool, generator=torch.Generator().manual_seed(seed))[:count]].clone()
+def kmeans_prototypes(z: torch.Tensor, count: int, *, seed: int = 0) -> list[int]:
+    """Indices of `count` rows of the unit embeddings z [N, D] that cover them (DESIGN): k-means with cosine
+    similarity (`seed`ed start, 100 rounds), then the member nearest each cluster's centre. An empty cluster's
+    nearest row may repeat another pick; repeats are dropped, so fewer than `count` may come back."""
+    n = int(z.shape[0])
+    if not 1 <= count <= n:
+        raise hn_mod.HypernetError(f"kmeans_prototypes: need 1 <= count <= {n} (the subjects); got {count}")
+    centres = z[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count]].clone()
     for _ in range(100):
         assign = (z @ centres.T).argmax(1)
         for k in range(count):
@@ -662,7 +661,20 @@ def choose_prototypes(net: hn_mod.Hypernet, count: int, *, pool: int = 1000, ref
         members = (assign == k).nonzero().flatten()
         pick = members[(z[members] @ centres[k]).argmax()] if len(members) else (z @ centres[k]).argmax()
         chosen.append(int(pick))
-    return list(dict.fromkeys(chosen))          # an empty cluster's nearest subject may repeat another's pick
+    return list(dict.fromkeys(chosen))
+
+
+def choose_prototypes(net: hn_mod.Hypernet, count: int, *, pool: int = 1000, ref_images: int = 3,
+                      seed: int = 0) -> list[int]:
+    """`count` demo training subjects that cover the subjects as the network's encoder sees them (DESIGN):
+    `kmeans_prototypes` on the unit subject embeddings of training subjects 0..pool-1 (their first `ref_images`
+    images)."""
+    if net.module.reads_features:
+        raise hn_mod.HypernetError("choose_prototypes: conv hypernetworks only (the demo subjects are rendered)")
+    if not 1 <= count <= pool:
+        raise hn_mod.HypernetError(f"choose_prototypes: need 1 <= count <= pool; got {count}, {pool}")
+    z = _unit_embeddings(net, torch.stack([_demo_references(net, i, 0, ref_images) for i in range(pool)]))
+    return kmeans_prototypes(z, count, seed=seed)
 
 
 def basis_from_fits(net: hn_mod.Hypernet, fits: dict, prototypes: list[int], *, temperature: float = 0.05,
@@ -682,27 +694,121 @@ def basis_from_fits(net: hn_mod.Hypernet, fits: dict, prototypes: list[int], *, 
         raise hn_mod.HypernetError(f"basis_from_fits: the fits adapt other weights than the network ({net.layers})")
     if not temperature > 0:
         raise hn_mod.HypernetError(f"basis_from_fits: temperature must be > 0; got {temperature}")
-    rank = int(next(iter(fits["A"].values())).shape[0])
-    cfg = {**net.module.config, "rank": rank, "decoder": "basis", "basis_size": len(prototypes),
-           "subject_query": False}
+    with torch.inference_mode(False):
+        anchors = torch.stack([torch.nn.functional.normalize(torch.stack(
+            [_unit_embeddings(net, _demo_references(net, i, ref_images * d, ref_images)[None])[0]
+             for d in range(draws)]).mean(0), dim=0) for i in prototypes])
+    return _basis_network(net, fits["A"], [fits["B"][i] for i in prototypes], anchors, temperature,
+                          {"prototypes": list(prototypes), "temperature": temperature, "ref_images": ref_images,
+                           "draws": draws, "fits": {k: v for k, v in fits["info"].items() if k != "seconds"}})
+
+
+def _basis_network(net: hn_mod.Hypernet, downs: dict, ups: list[dict], anchors: torch.Tensor, temperature: float,
+                   info: dict) -> hn_mod.Hypernet:
+    """The basis-decoder network: `net`'s encoder and embedding head, down-projections `downs` {key: A [r, in]},
+    up-projection k = ups[k] {key: B [out, r]}, mixing map W = anchors / τ (anchors [K, width]: unit embeddings)."""
+    rank = int(next(iter(downs.values())).shape[0])
+    cfg = {**net.module.config, "rank": rank, "decoder": "basis", "basis_size": len(ups), "subject_query": False}
     with torch.inference_mode(False):
         module = hk.HyperNetwork(net.targets, cfg)
         module.encoder.load_state_dict(net.module.encoder.state_dict())
         module.project.load_state_dict(net.module.project.state_dict())
-        protos = torch.stack([torch.nn.functional.normalize(torch.stack(
-            [_unit_embeddings(net, _demo_references(net, i, ref_images * d, ref_images)[None])[0]
-             for d in range(draws)]).mean(0), dim=0) for i in prototypes])
         with torch.no_grad():
-            module.coefficients.weight.copy_(protos / temperature)
+            module.coefficients.weight.copy_(anchors / temperature)
             module.coefficients.bias.zero_()
             for t, up, down in zip(net.targets, module.ups, module.downs):
-                down.copy_(fits["A"][t.key])
-                up.copy_(torch.stack([fits["B"][i][t.key] for i in prototypes]))
+                down.copy_(downs[t.key])
+                up.copy_(torch.stack([u[t.key] for u in ups]))
     module.eval().requires_grad_(False)
-    info = {**{k: v for k, v in net.info.items() if k != "rounds"},
-            "basis": {"prototypes": list(prototypes), "temperature": temperature, "ref_images": ref_images,
-                      "draws": draws, "fits": {k: v for k, v in fits["info"].items() if k != "seconds"}}}
-    return hn_mod.Hypernet(module, net.family, net.layers, net.name, info)
+    return hn_mod.Hypernet(module, net.family, net.layers, net.name,
+                           {**{k: v for k, v in net.info.items() if k != "rounds"}, "basis": info})
+
+
+BASIS_NODE = "GL_HypernetworkBasis"
+
+
+def _folder_embeddings(net: hn_mod.Hypernet, data: FolderSubjects, ref_images: int, draws: int) -> torch.Tensor:
+    """Unit subject embeddings [subjects, width] of folder subjects: per subject, the mean unit embedding of up to
+    `draws` disjoint groups of `ref_images` of its images (in file order), normalised again."""
+    size = net.module.config["image_size"]
+    out = []
+    with torch.inference_mode(False):
+        for k, (_name, pics, _caps) in enumerate(data.items):
+            r = min(ref_images, len(pics))
+            groups = [torch.arange(g * r, (g + 1) * r) for g in range(max(1, min(draws, len(pics) // r)))]
+            inputs = torch.stack([data.features[k][g] if net.module.reads_features
+                                  else hk.resize_images(pics[g], size) for g in groups])
+            out.append(torch.nn.functional.normalize(_unit_embeddings(net, inputs).mean(0), dim=0))
+    return torch.stack(out)
+
+
+def build_basis(model, clip, vae, net: hn_mod.Hypernet, *, source: str = "demo subjects", folder: str = "",
+                subjects: int = 1000, prototypes: int = 32, rank: int = 4, fit_steps: int = 300,
+                fit_learning_rate: float = 5e-3, fit_parallel: int = 8, resolution: int = 32,
+                temperature: float = 0.02, seed: int = 0, clip_vision=None, log=None) -> hn_mod.Hypernet:
+    """GL_HypernetworkBasis (DESIGN, after HyperLoRA's LoRA basis): a basis-decoder hypernetwork for `model` from
+    `net` (whose encoder must already tell subjects apart): `prototypes` subjects chosen by k-means on `net`'s
+    subject embeddings (`kmeans_prototypes`), each fitted directly (a rank-`rank` LoRA with one shared, seeded A;
+    `fit_loras_together`, `fit_parallel` subjects per batched forward), become the K up-projections; the mixing
+    weights start as a softmax over the cosine similarity to the prototypes at temperature τ. Continue it end to
+    end with `train_hypernet(resume=...)`. Demo subjects: training subjects 0..subjects-1 (conv encoders); folder:
+    every sub-folder is a candidate and all its images (with their captions) are its fit's data."""
+    t0 = time.perf_counter()
+    node = BASIS_NODE
+    if not isinstance(net, hn_mod.Hypernet):
+        raise hn_mod.HypernetError(f"{node}: connect a hypernetwork (GL_HypernetworkLoader or "
+                                   "GL_HypernetworkTrain) whose image encoder tells subjects apart")
+    if clip is None or vae is None:
+        raise hn_mod.HypernetError(f"{node}: connect the model's CLIP (captions) and VAE (encodes the subject "
+                                   "images into the model's latent space)")
+    if source not in SOURCES:
+        raise hn_mod.HypernetError(f"{node}: source {source!r}: choose one of {', '.join(SOURCES)}")
+    for name, value, low in (("prototypes", prototypes, 1), ("rank", rank, 1), ("fit_steps", fit_steps, 1),
+                             ("fit_parallel", fit_parallel, 1), ("resolution", resolution, 8)):
+        if value < low:
+            raise hn_mod.HypernetError(f"{node}: {name} must be at least {low}, got {value}")
+    if not (fit_learning_rate > 0 and temperature > 0):
+        raise hn_mod.HypernetError(f"{node}: fit_learning_rate ({fit_learning_rate}) and temperature "
+                                   f"({temperature}) must be > 0")
+    hn_mod.check_model(model, net, node=node)
+    if source == "demo subjects":
+        if net.module.reads_features:
+            raise hn_mod.HypernetError(f"{node}: source demo subjects needs a hypernetwork with its own conv "
+                                       f"encoder; '{net.name}' reads CLIP vision features: use source folder")
+        if prototypes > subjects:
+            raise hn_mod.HypernetError(f"{node}: prototypes ({prototypes}) must not exceed subjects ({subjects}), "
+                                       "the training subjects they are chosen from")
+        chosen = choose_prototypes(net, prototypes, pool=subjects, seed=seed)
+        if log:
+            log(f"{node}: prototypes {chosen}")
+        fits = fit_demo_subjects(model, clip, vae, chosen, layers=net.layers, rank=rank, steps=fit_steps,
+                                 learning_rate=fit_learning_rate, parallel=fit_parallel, log=log)
+        out = basis_from_fits(net, fits, chosen, temperature=temperature)
+        out.info["basis"].update(source=source, seconds=round(time.perf_counter() - t0, 1))
+        return out
+    featurize, _cfg = _feature_encoder(net, clip_vision, resolution, 0, node=node)
+    data = FolderSubjects(folder, resolution, node=node, featurize=featurize)
+    if prototypes > len(data.items):
+        raise hn_mod.HypernetError(f"{node}: prototypes ({prototypes}) must not exceed the {len(data.items)} "
+                                   f"subject folders of {folder!r} (each needs at least 2 images)")
+    z = _folder_embeddings(net, data, ref_images=3, draws=4)
+    chosen = kmeans_prototypes(z, prototypes, seed=seed)
+    if log:
+        log(f"{node}: prototypes {[data.items[i][0] for i in chosen]}")
+    downs, ups, probes = None, [], []
+    for n in range(0, len(chosen), fit_parallel):
+        sets = [(data.items[i][1], data.items[i][2]) for i in chosen[n:n + fit_parallel]]
+        a, bs, info = fit_loras_together(model, clip, vae, sets, layers=net.layers, rank=rank, steps=fit_steps,
+                                         learning_rate=fit_learning_rate, seed=seed + n, name=node, log=log)
+        downs = a if downs is None else downs
+        ups += bs
+        probes += info["probe_loss"]
+    return _basis_network(net, downs, ups, z[chosen], temperature, {
+        "source": source, "prototypes": [data.items[i][0] for i in chosen], "temperature": temperature,
+        "ref_images": 3, "draws": 4, "fits": {"layers": net.layers, "rank": rank, "steps": fit_steps,
+                                              "learning_rate": fit_learning_rate, "down_seed": 0,
+                                              "probe_loss": probes},
+        "seconds": round(time.perf_counter() - t0, 1)})
 
 
 def regress_hypernet(net: hn_mod.Hypernet, fits: dict, *, steps: int, learning_rate: float = 1e-3,
@@ -775,29 +881,30 @@ def regress_hypernet(net: hn_mod.Hypernet, fits: dict, *, steps: int, learning_r
     return hn_mod.Hypernet(module, net.family, net.layers, net.name, info)
 
 
-def _feature_encoder(resume, clip_vision, resolution: int, pretrain_steps: int) -> tuple:
+def _feature_encoder(resume, clip_vision, resolution: int, pretrain_steps: int, node: str = NODE) -> tuple:
     """(featurize: IMAGE [N, H, W, C] → CLIP vision features [N, T, d], or None for the conv encoder; the encoder
     settings of a new hypernetwork). Refuses a clip_vision `resume` without CLIP vision, another CLIP vision than
     the one `resume` was trained with, and encoder pretraining with CLIP vision."""
     reads = resume.module.reads_features if resume is not None else clip_vision is not None
     if not reads:
         if clip_vision is not None:
-            logging.warning("%s: resume has its own image encoder (conv); the connected clip_vision is not used",
-                            NODE)
+            logging.warning("%s: %s has its own image encoder (conv); the connected clip_vision is not used", node,
+                            "resume" if node == NODE else "the hypernetwork")
         return None, {}
     if clip_vision is None:
-        raise hn_mod.missing_clip_vision(resume, f"resume '{resume.name}'", node=NODE)
+        label = f"resume '{resume.name}'" if node == NODE else f"the hypernetwork '{resume.name}'"
+        raise hn_mod.missing_clip_vision(resume, label, node=node)
     if pretrain_steps > 0:
         raise hn_mod.HypernetError(
-            f"{NODE}: encoder_pretrain_steps ({pretrain_steps}) pretrains the pack's own conv image encoder; with "
+            f"{node}: encoder_pretrain_steps ({pretrain_steps}) pretrains the pack's own conv image encoder; with "
             "a CLIP vision model the image encoder is that frozen, pretrained model: set encoder_pretrain_steps to "
             "0 (or disconnect clip_vision to train the conv encoder)")
 
     def featurize(images: torch.Tensor) -> torch.Tensor:
-        return hn_mod.clip_vision_features(clip_vision, images, node=NODE)
+        return hn_mod.clip_vision_features(clip_vision, images, node=node)
     probe = featurize(torch.full((1, resolution, resolution, 3), 0.5))
     if resume is not None:
-        hn_mod.check_features(resume, probe, node=NODE)
+        hn_mod.check_features(resume, probe, node=node)
     return featurize, {"encoder": "clip_vision", "feature_tokens": int(probe.shape[1]),
                        "feature_dim": int(probe.shape[2])}
 
@@ -923,12 +1030,12 @@ class _Stepper:
                 round(sum(float(x) for x in swapped) / n, 6)]
 
 
-def save_trained(net: hn_mod.Hypernet, filename_prefix: str, *, output: bool = False) -> Path:
+def save_trained(net: hn_mod.Hypernet, filename_prefix: str, *, output: bool = False, node: str = NODE) -> Path:
     """Save as <prefix>_NNNNN_.safetensors to the first gl_hypernetworks folder (GL_HypernetworkLoader lists it) or,
     with `output`, to ComfyUI's output folder."""
     import folder_paths
     root = folder_paths.get_output_directory() if output else hn_mod.folders()[0]
     full, name, counter, _sub, _p = folder_paths.get_save_image_path(filename_prefix, root)
     path = hn_mod.save(net, Path(full) / f"{name}_{counter:05}_.safetensors")
-    logging.info("%s: saved %s", NODE, path)
+    logging.info("%s: saved %s", node, path)
     return path

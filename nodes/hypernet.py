@@ -1,5 +1,6 @@
 """GL_HypernetworkLoader (→ GL_HYPERNET), GL_Personalize (MODEL + IMAGE + GL_HYPERNET [+ CLIP_VISION] → MODEL,
-HOOKS) and GL_HypernetworkTrain (MODEL, CLIP, VAE [, CLIP_VISION] → GL_HYPERNET)."""
+HOOKS), GL_HypernetworkTrain (MODEL, CLIP, VAE [, CLIP_VISION] → GL_HYPERNET) and GL_HypernetworkBasis (MODEL, CLIP,
+VAE, GL_HYPERNET [, CLIP_VISION] → GL_HYPERNET with the basis decoder)."""
 from __future__ import annotations
 
 from comfy_api.latest import io, ui
@@ -207,6 +208,95 @@ class HypernetworkTrain(io.ComfyNode):
                      "references)")
         if filename_prefix.strip():
             path = ht.save_trained(net, filename_prefix, output=save_to == "output")
+            text += f"; saved {path.name}"
+        return io.NodeOutput(net, ui=ui.PreviewText(text))
+
+
+@register
+class HypernetworkBasis(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GL_HypernetworkBasis",
+            display_name="Hypernetwork Basis (prototype fits)",
+            category="Guidance Lab/personalization",
+            description=(
+                "Builds a basis-decoder hypernetwork (the kind the shipped demo_hypernet.safetensors is; DESIGN, "
+                "after HyperLoRA's LoRA basis, not the hypernetwork paper's decoder) from a hypernetwork whose image "
+                "encoder already tells subjects apart (e.g. Hypernetwork Train with encoder_pretrain_steps, or one "
+                "reading a CLIP vision model). It picks `prototypes` subjects that cover the data (k-means on that "
+                "encoder's subject embeddings), fits a LoRA to each directly (one shared down-projection; the "
+                "fits are the slow part: fit_steps model forwards and backwards per group of fit_parallel "
+                "subjects), and makes their up-projections the basis: a subject's ΔW = (Σ c_k B_k)·A, with mixing "
+                "weights c starting as a softmax over its similarity to the prototypes. Feed the result to "
+                "Hypernetwork Train (resume) to train it end to end, or straight to Personalize. Progress bar; "
+                "interruptible; saved under filename_prefix (empty = not saved)."),
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the fits adapt (frozen; never edited)."),
+                io.Clip.Input("clip", tooltip="Its text encoder (the captions)."),
+                io.Vae.Input("vae", tooltip="Its VAE (encodes the subject images into the model's latents)."),
+                HypernetType.Input("hypernetwork", tooltip=(
+                    "The source hypernetwork: its image encoder chooses and recognises the prototypes and is kept; "
+                    "its layers are the ones the basis adapts. It must be for this model's family.")),
+                io.Combo.Input("source", options=list(ht.SOURCES), default="demo subjects", tooltip=(
+                    "demo subjects = the demo world's training subjects (conv-encoder hypernetworks); folder = your "
+                    "data, one sub-folder of images per subject (captions as for Hypernetwork Train).")),
+                io.String.Input("folder", default="", tooltip=(
+                    "source folder: a directory with one sub-folder of images per subject (≥ 2 images each); every "
+                    "image of a chosen subject goes into its fit.")),
+                io.Int.Input("subjects", default=1000, min=1, max=1_000_000, tooltip=(
+                    "source demo subjects: the prototypes are chosen among training subjects 0..subjects-1.")),
+                io.Int.Input("prototypes", default=32, min=1, max=1024, tooltip=(
+                    "K, the basis size: how many subjects are fitted. More covers the data better and costs one "
+                    "fit each and K up-projections in the file.")),
+                io.Int.Input("rank", default=4, min=1, max=64, tooltip="LoRA rank r of the fits and the basis."),
+                io.Int.Input("fit_steps", default=300, min=1, max=1_000_000, tooltip=(
+                    "Optimizer steps of each direct fit (4 images per subject and step).")),
+                io.Float.Input("fit_learning_rate", default=5e-3, min=1e-6, max=1.0, step=1e-4, tooltip=(
+                    "AdamW learning rate of the direct fits.")),
+                io.Int.Input("fit_parallel", default=8, min=1, max=256, tooltip=(
+                    "Subjects fitted together in one batched forward (same result per subject; faster on a GPU, "
+                    "not on a CPU; memory grows with it).")),
+                io.Int.Input("resolution", default=32, min=8, max=2048, step=8, tooltip=(
+                    "source folder: pixel size the images are cropped and resized to for the fits.")),
+                io.Float.Input("temperature", default=0.02, min=1e-4, max=10.0, step=1e-3, tooltip=(
+                    "τ of the initial mixing weights softmax(cos(subject, prototype)/τ): small = nearly the nearest "
+                    "prototype's LoRA, large = a broad average.")),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="k-means start and fit data order."),
+                io.String.Input("filename_prefix", default="hypernet/basis", tooltip=(
+                    "File name prefix: <prefix>_NNNNN_.safetensors (empty = do not save).")),
+                io.Combo.Input("save_to", options=list(SAVE_TO), default="gl_hypernetworks",
+                               tooltip=("gl_hypernetworks = the first models/gl_hypernetworks folder (the loader "
+                                        "lists it after a refresh); output = ComfyUI's output folder.")),
+                io.ClipVision.Input("clip_vision", optional=True, tooltip=(
+                    "The CLIP vision model a clip_vision source hypernetwork reads (required for one; unused "
+                    "with a conv one).")),
+            ],
+            outputs=[HypernetType.Output(display_name="hypernetwork", tooltip=(
+                "The basis-decoder hypernetwork (before end-to-end training)."))],
+            is_experimental=True,
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix=None, save_to=None, source=None):
+        return (filename_prefix_error("GL_HypernetworkBasis", filename_prefix)
+                or choice_error("GL_HypernetworkBasis", "save_to", save_to, SAVE_TO)
+                or choice_error("GL_HypernetworkBasis", "source", source, ht.SOURCES) or True)
+
+    @classmethod
+    def execute(cls, model, clip, vae, hypernetwork, source, folder, subjects, prototypes, rank, fit_steps,
+                fit_learning_rate, fit_parallel, resolution, temperature, seed, filename_prefix,
+                save_to="gl_hypernetworks", clip_vision=None) -> io.NodeOutput:
+        net = ht.build_basis(model, clip, vae, hypernetwork, source=source, folder=folder, subjects=subjects,
+                             prototypes=prototypes, rank=rank, fit_steps=fit_steps,
+                             fit_learning_rate=fit_learning_rate, fit_parallel=fit_parallel, resolution=resolution,
+                             temperature=temperature, seed=seed, clip_vision=clip_vision)
+        basis = net.info["basis"]
+        text = (f"basis of {len(basis['prototypes'])} prototypes ({', '.join(map(str, basis['prototypes'][:8]))}"
+                f"{', …' if len(basis['prototypes']) > 8 else ''}) in {basis['seconds']} s")
+        if filename_prefix.strip():
+            path = ht.save_trained(net, filename_prefix, output=save_to == "output", node="GL_HypernetworkBasis")
             text += f"; saved {path.name}"
         return io.NodeOutput(net, ui=ui.PreviewText(text))
 

@@ -706,3 +706,95 @@ def test_basis_hypernetwork_from_prototype_fits(ht, hn, demo_model, tmp_path):
         ht.basis_from_fits(net, fits, protos, temperature=0)
     with pytest.raises(Exception, match="need 1 <= count <= pool"):
         ht.choose_prototypes(net, 20, pool=12)
+
+
+def test_basis_builder_on_demo_subjects_is_its_three_parts(ht, hn, demo_model):
+    """build_basis (GL_HypernetworkBasis) on demo subjects gives the network of choose_prototypes + fit_demo_subjects
+    + basis_from_fits with the same settings, records its source, and leaves the shared weights as they were."""
+    from pathlib import Path
+    patcher, clip, vae = demo_model
+    net = hn.load(Path(__file__).resolve().parents[2] / "demo" / "weights" / "demo_hypernet.safetensors")
+    before = original_weights(patcher)
+    with torch.inference_mode():
+        built = ht.build_basis(patcher, clip, vae, net, subjects=10, prototypes=2, rank=2, fit_steps=3,
+                               fit_parallel=2, temperature=0.05, seed=1)
+        protos = ht.choose_prototypes(net, 2, pool=10, seed=1)
+        fits = ht.fit_demo_subjects(patcher, clip, vae, protos, layers=net.layers, rank=2, steps=3, parallel=2)
+    parts = ht.basis_from_fits(net, fits, protos, temperature=0.05)
+    assert all(torch.equal(v, before[k]) for k, v in original_weights(patcher).items())
+    assert built.info["basis"]["prototypes"] == protos and built.info["basis"]["source"] == "demo subjects"
+    assert built.module.config["basis_size"] == 2 and built.module.config["rank"] == 2
+    refs = ht._demo_references(net, 11, 0, 3)[None]
+    got, want = hn.hk.deltas(built.module(refs)), hn.hk.deltas(parts.module(refs))
+    assert set(got) == set(want) and all(float(v.abs().max()) > 0 for v in got.values())
+    for key in want:
+        torch.testing.assert_close(got[key], want[key])
+
+
+def test_basis_builder_from_a_folder_on_flux(ht, hn, text_model, tmp_path):
+    """Folder subjects on Flux (flow): the prototypes are sub-folders; at a small temperature each prototype's own
+    images pick its own fitted up-projection; the model is left clean; the result personalizes a batch of 2 and
+    resumes end-to-end training; too many prototypes get a clear error."""
+    import comfy.sd
+    model, clip = text_model("flux")
+    _subject_folder(tmp_path, (20, 20), subjects=3, images=3)
+    vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+    net = _untrained(hn, model, nonzero=False)
+    before = original_weights(model)
+    with torch.inference_mode():
+        basis = ht.build_basis(model, clip, vae, net, source="folder", folder=str(tmp_path), prototypes=2, rank=2,
+                               fit_steps=3, fit_learning_rate=3e-2, fit_parallel=1, resolution=16, temperature=1e-3)
+    assert all(torch.equal(v, before[k]) for k, v in original_weights(model).items())
+    info = basis.info["basis"]
+    assert info["source"] == "folder" and len(set(info["prototypes"])) == 2
+    assert set(info["prototypes"]) <= {"subject0", "subject1", "subject2"}
+    assert basis.family == "Flux" and basis.module.config["decoder"] == "basis"
+    assert all(float(up.abs().max()) > 0 for up in basis.module.ups)          # fitted B moved off zero
+    data = ht.FolderSubjects(str(tmp_path), 16)
+    names = [name for name, _pics, _caps in data.items]
+    size = basis.module.config["image_size"]
+    for k, name in enumerate(info["prototypes"]):
+        inputs = hn.hk.resize_images(data.items[names.index(name)][1], size)[None]
+        with torch.no_grad():
+            c = basis.module.basis_weights(basis.module.encode(inputs))
+        assert int(c.argmax()) == k, c
+    pos, neg = encode(clip, "a dog"), encode(clip, "")
+    m, _hooks, _lora = hn.personalize(model, _images(2, 32, 32), basis)
+    out, base = run(m, pos, neg, 3.0, batch=2), run(model, pos, neg, 3.0, batch=2)
+    assert out.shape[0] == 2 and torch.isfinite(out).all() and not torch.equal(out, base)
+    with torch.inference_mode():
+        more = ht.train_hypernet(model, clip, vae, source="folder", folder=str(tmp_path), resume=basis, steps=1,
+                                 subjects_per_step=1, ref_images=2, target_images=1, resolution=16, warmup=0)
+    assert more.module.config["decoder"] == "basis" and more.info["steps"] == 1
+    with pytest.raises(Exception, match=r"GL_HypernetworkBasis: prototypes \(4\) must not exceed the 3 subject "
+                                        r"folders"):
+        ht.build_basis(model, clip, vae, net, source="folder", folder=str(tmp_path), prototypes=4)
+    with pytest.raises(Exception, match=r"GL_HypernetworkBasis: fit_steps must be at least 1, got 0"):
+        ht.build_basis(model, clip, vae, net, source="folder", folder=str(tmp_path), fit_steps=0)
+    with pytest.raises(Exception, match=r"GL_HypernetworkBasis: connect a hypernetwork"):
+        ht.build_basis(model, clip, vae, None)
+
+
+def test_basis_builder_with_a_clip_vision_hypernetwork(ht, hn, text_model, vision, tmp_path):
+    """A clip_vision source network on tiny Flux: the folder subjects' features pick the prototypes and the basis
+    keeps the feature encoder (each prototype's own images select its up-projection); without the CLIP vision model,
+    or on demo subjects, a clear error."""
+    import comfy.sd
+    model, clip = text_model("flux")
+    _subject_folder(tmp_path, (20, 20), subjects=3, images=3)
+    vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+    net = _untrained_cv(hn, model, nonzero=False)
+    with torch.inference_mode():
+        basis = ht.build_basis(model, clip, vae, net, source="folder", folder=str(tmp_path), prototypes=2, rank=1,
+                               fit_steps=1, resolution=16, temperature=1e-3, clip_vision=vision)
+    assert basis.module.reads_features and basis.module.config["decoder"] == "basis"
+    data = ht.FolderSubjects(str(tmp_path), 16, featurize=lambda im: hn.clip_vision_features(vision, im))
+    names = [name for name, _pics, _caps in data.items]
+    for k, name in enumerate(basis.info["basis"]["prototypes"]):
+        with torch.no_grad():
+            c = basis.module.basis_weights(basis.module.encode(data.features[names.index(name)][None]))
+        assert int(c.argmax()) == k, c
+    with pytest.raises(Exception, match=r"GL_HypernetworkBasis: the hypernetwork 'test' reads CLIP vision features"):
+        ht.build_basis(model, clip, vae, net, source="folder", folder=str(tmp_path), prototypes=2)
+    with pytest.raises(Exception, match=r"source demo subjects needs a hypernetwork with its own conv encoder"):
+        ht.build_basis(model, clip, vae, net, prototypes=2, clip_vision=vision)

@@ -944,7 +944,7 @@ def concept_erase_train_video_latent(bad):
     return _demo_ksampler(g, [_erase_train(g, model, clip, latent=latent), 0], clip)
 
 
-# GL_HypernetworkLoader, GL_Personalize, GL_HypernetworkTrain ----------------------------------------------------
+# GL_HypernetworkLoader, GL_Personalize, GL_HypernetworkTrain, GL_HypernetworkBasis ------------------------------
 def _hypernet(g, name="demo_hypernet.safetensors"):
     return [g.add("GL_HypernetworkLoader", hypernetwork=name), 0]
 
@@ -1057,6 +1057,43 @@ def hypernet_train_resume_clip_vision_without_clip_vision(bad):
     g = Graph()
     vision = {} if bad else {"clip_vision": _tiny_vision(g)}
     return _hypernet_train(g, resume=_hypernet(g, "cv_tiny.safetensors"), **vision)
+
+
+def _hypernet_basis(g, **over):
+    model, clip, vae = g.demo()
+    inputs = dict(model=model, clip=clip, vae=vae, hypernetwork=_hypernet(g), source="demo subjects", folder="",
+                  subjects=2, prototypes=1, rank=1, fit_steps=1, fit_learning_rate=5e-3, fit_parallel=1,
+                  resolution=32, temperature=0.02, seed=0, filename_prefix="", save_to="output")
+    inputs.update(over)
+    g.add("GL_HypernetworkBasis", **inputs)
+    return g.nodes
+
+
+@case("GL_HypernetworkBasis", r"prototypes \(3\) must not exceed subjects \(2\)",
+      r"the training subjects they are chosen from", "execution")
+def hypernet_basis_more_prototypes_than_subjects(bad):
+    return _hypernet_basis(Graph(), prototypes=pick(bad, 3, 1))
+
+
+@case("GL_HypernetworkBasis", r"'cv_tiny' reads CLIP vision features", r"use source folder", "execution")
+def hypernet_basis_demo_subjects_with_a_clip_vision_hypernetwork(bad):
+    g = Graph()
+    return _hypernet_basis(g, hypernetwork=_hypernet(g, pick(bad, "cv_tiny.safetensors", "demo_hypernet.safetensors")),
+                           clip_vision=_tiny_vision(g))
+
+
+@case("GL_HypernetworkBasis", r"trained for a UNet model .* this Flux model", r"use the base model the hypernetwork "
+      r"was trained on", "execution")
+def hypernet_basis_other_family(bad):
+    g = Graph()
+    if not bad:
+        return _hypernet_basis(g)
+    model, clip, vae = g.demo()
+    tiny, _pos, _neg = g.tiny("flux")
+    g.add("GL_HypernetworkBasis", model=tiny, clip=clip, vae=vae, hypernetwork=_hypernet(g), source="demo subjects",
+          folder="", subjects=2, prototypes=1, rank=1, fit_steps=1, fit_learning_rate=5e-3, fit_parallel=1,
+          resolution=32, temperature=0.02, seed=0, filename_prefix="", save_to="output")
+    return g.nodes
 
 
 @case("GL_DemoSubjectImages", r"split 'test'", r"choose one of 'train', 'heldout'", "validation")

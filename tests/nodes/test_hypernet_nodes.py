@@ -1,4 +1,5 @@
-"""GL_HypernetworkLoader, GL_Personalize, GL_HypernetworkTrain and GL_DemoSubjectImages as nodes: what they return,
+"""GL_HypernetworkLoader, GL_Personalize, GL_HypernetworkTrain, GL_HypernetworkBasis and GL_DemoSubjectImages as
+nodes: what they return,
 the files they read and write, their errors."""
 from pathlib import Path
 
@@ -63,6 +64,29 @@ def test_train_node_saves_to_the_output_folder(nodes_mod, demo_model):
     from safetensors import safe_open
     with safe_open(str(saved[0]), framework="pt") as f:
         assert f.metadata()["format"] == "guidance_lab.hypernetwork/1"
+
+
+def test_basis_node_builds_saves_and_feeds_personalize(nodes_mod, hn, demo_model):
+    import folder_paths
+    patcher, clip, vae = demo_model
+    net = nodes_mod.HypernetworkLoader.execute("demo_hypernet.safetensors").result[0]
+    with torch.inference_mode():
+        out = nodes_mod.HypernetworkBasis.execute(
+            patcher, clip, vae, net, "demo subjects", "", 6, 2, 2, 2, 5e-3, 2, 32, 0.02, 0, "hypernet_test/basis",
+            save_to="output")
+    basis = out.result[0]
+    assert basis.module.config["decoder"] == "basis" and basis.module.config["basis_size"] == 2
+    text = out.ui.as_dict()["text"][0]
+    assert "basis of 2 prototypes" in text and "saved basis_" in text
+    saved = list((Path(folder_paths.get_output_directory()) / "hypernet_test").glob("basis_*.safetensors"))
+    assert len(saved) == 1 and hn.load(saved[0]).module.config["basis_size"] == 2
+    images = nodes_mod.DemoSubjectImages.execute(1, "heldout", 2, 0, 32).result[0]
+    personalized = nodes_mod.Personalize.execute(patcher, images, basis, 1.0).result[0]
+    assert personalized is not patcher
+    schema = nodes_mod.HypernetworkBasis.define_schema()
+    assert all(i.tooltip for i in schema.inputs) and schema.inputs[-1].optional
+    assert nodes_mod.HypernetworkBasis.validate_inputs("x", "output", "elsewhere").startswith(
+        "GL_HypernetworkBasis: source 'elsewhere' is not one of the options")
 
 
 def test_clip_vision_inputs_are_optional_and_come_last(nodes_mod):
