@@ -1086,14 +1086,7 @@ def hypernet_basis_demo_subjects_with_a_clip_vision_hypernetwork(bad):
       r"was trained on", "execution")
 def hypernet_basis_other_family(bad):
     g = Graph()
-    if not bad:
-        return _hypernet_basis(g)
-    model, clip, vae = g.demo()
-    tiny, _pos, _neg = g.tiny("flux")
-    g.add("GL_HypernetworkBasis", model=tiny, clip=clip, vae=vae, hypernetwork=_hypernet(g), source="demo subjects",
-          folder="", subjects=2, prototypes=1, rank=1, fit_steps=1, fit_learning_rate=5e-3, fit_parallel=1,
-          resolution=32, temperature=0.02, seed=0, filename_prefix="", save_to="output")
-    return g.nodes
+    return _hypernet_basis(g, **({"model": g.tiny("flux")[0]} if bad else {}))
 
 
 @case("GL_DemoSubjectImages", r"split 'test'", r"choose one of 'train', 'heldout'", "validation")
