@@ -227,7 +227,7 @@ def main(argv=None) -> int:
                                for _ in range(n)])
     want_color = torch.tensor([world.COLORS.index(c) for _s in range(args.subjects) for c, _sh in pairs
                                for _ in range(n)])
-    table = []
+    table, per_image = [], {}
     for key, r in [*per_row.items(), ("ground truth", truth)]:
         images = torch.cat(r["images"])
         subj_idx = torch.tensor(r["subject"])
@@ -239,9 +239,10 @@ def main(argv=None) -> int:
         own = F.one_hot(subj_idx, args.subjects).bool()
         other = (to_all.masked_fill(own, 0.0).sum(1) / max(args.subjects - 1, 1)) if args.subjects > 1 else sim
         want = torch.tensor([patterns[int(s)] for s in subj_idx])
+        adherent = ((pred["shape"] == want_shape) & (pred["color"] == want_color)).float()
+        per_image[key] = {"similarity": sim, "adherence": adherent}
         row = {"row": key, "images": len(images),
-               "prompt_adherence": float(((pred["shape"] == want_shape) & (pred["color"] == want_color))
-                                         .float().mean()),
+               "prompt_adherence": float(adherent.mean()),
                "attribute_accuracy": float(metrics.attribute_accuracy(images, prompts_all, ev)["attribute"]),
                "pattern_accuracy": float((pred["pattern"] == want).float().mean()),
                "flat_share": float((pred["pattern"] == 0).float().mean()),
@@ -255,6 +256,9 @@ def main(argv=None) -> int:
             row["fit_seconds_per_subject"] = r["fit_seconds"] / args.subjects
         table.append(row)
         print(json.dumps(row), flush=True)
+    steps = hybrid_steps(per_image, w_ps)
+    for step in steps:
+        print(json.dumps(step), flush=True)
     import comfy.utils as cu
     meta = cu.load_torch_file(str(hpath), return_metadata=True)[1]
     info = {"cpu": q._cpu_model(), "cores": os.cpu_count(), "comfy": q._comfy_version(), "rev": q._git_revision(),
@@ -266,14 +270,35 @@ def main(argv=None) -> int:
     if direct_n:
         info["direct"] = {"layers": net.layers, "rank": net.module.config["rank"], "steps": args.direct_fit,
                           "images": direct_n, "learning_rate": args.direct_lr}
-    write_section(args.out, SECTION, render(table, info, args, captions))
+    write_section(args.out, SECTION, render(table, info, args, captions, steps))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": table, "info": info, "prompts": captions}, indent=1, default=str))
+    Path(args.json).write_text(json.dumps({"rows": table, "hybrid_steps": steps, "info": info, "prompts": captions},
+                                          indent=1, default=str))
     print(f"wrote section {SECTION!r} of {args.out}", flush=True)
     return 0
 
 
-def render(table: list[dict], info: dict, args, captions: list[str]) -> str:
+def paired_change(a: torch.Tensor, b: torch.Tensor, *, draws: int = 2000, seed: int = 0) -> dict:
+    """Mean of b − a over paired samples (the same seed and prompt in both rows) with a 95 % percentile bootstrap
+    interval over the samples."""
+    d = (b - a).double()
+    idx = torch.randint(0, len(d), (draws, len(d)), generator=torch.Generator().manual_seed(seed))
+    means = d[idx].mean(1)
+    return {"mean": float(d.mean()), "low": float(means.quantile(0.025)), "high": float(means.quantile(0.975))}
+
+
+def hybrid_steps(per_image: dict, w_ps: list[float]) -> list[dict]:
+    """For consecutive w_p values of the hybrid rows: the paired change of subject similarity and prompt adherence."""
+    ws = sorted(w_ps)
+    out = []
+    for lo, hi in zip(ws, ws[1:]):
+        a, b = per_image[f"hybrid w_p {lo:g}"], per_image[f"hybrid w_p {hi:g}"]
+        out.append({"from": lo, "to": hi, "similarity": paired_change(a["similarity"], b["similarity"]),
+                    "adherence": paired_change(a["adherence"], b["adherence"])})
+    return out
+
+
+def render(table: list[dict], info: dict, args, captions: list[str], steps: list[dict] | None = None) -> str:
     lines = [
         "## Hypernetwork personalization and hybrid-model CFG on the demo model (CPU)",
         "",
@@ -308,6 +333,13 @@ def render(table: list[dict], info: dict, args, captions: list[str]) -> str:
               "GLBench_CountNFE (a DIFFUSION_MODEL wrapper on the loaded model, which the personalized clone and the "
               "guider inherit): 2 for CFG, 3 for hybrid-model CFG with w_p > 0 (the guider evaluates a term only "
               "when its coefficient is non-zero)."]
+    if steps:
+        parts = [f"{st['from']:g} → {st['to']:g}: similarity {st['similarity']['mean']:+.3f} "
+                 f"[{st['similarity']['low']:+.3f}, {st['similarity']['high']:+.3f}], adherence "
+                 f"{100 * st['adherence']['mean']:+.1f} [{100 * st['adherence']['low']:+.1f}, "
+                 f"{100 * st['adherence']['high']:+.1f}] points" for st in steps]
+        lines += ["", "Hybrid-model CFG, change between consecutive w_p, paired image by image (same seeds and "
+                  "prompts), mean with its 95 % bootstrap interval over the images: " + "; ".join(parts) + "."]
     fits = [r for r in table if "fit_seconds_per_subject" in r]
     if fits:
         lines += ["", f"Direct LoRA fit rows: per subject, a rank-{info['direct']['rank']} LoRA on the hypernetwork's "

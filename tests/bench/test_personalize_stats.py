@@ -1,0 +1,34 @@
+"""bench/personalize.py's paired changes between consecutive hybrid-model CFG rows: the mean difference and its
+bootstrap interval."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.personalize import hybrid_steps, paired_change  # noqa: E402
+
+
+def test_paired_change_mean_and_interval():
+    a = torch.rand(200, generator=torch.Generator().manual_seed(0))
+    shift = paired_change(a, a + 0.25)                        # a constant shift: no spread at all
+    assert abs(shift["mean"] - 0.25) < 1e-6 and abs(shift["high"] - shift["low"]) < 1e-6
+    b = a + torch.randn(200, generator=torch.Generator().manual_seed(1))
+    out = paired_change(a, b)
+    d = (b - a).double()
+    assert abs(out["mean"] - float(d.mean())) < 1e-12
+    assert out["low"] < out["mean"] < out["high"]
+    se = float(d.std() / len(d) ** 0.5)                      # the interval is about ±1.96 standard errors
+    assert 0.8 * 3.92 * se < out["high"] - out["low"] < 1.2 * 3.92 * se
+
+
+def test_hybrid_steps_pair_consecutive_scales_in_order():
+    sims = {w: torch.full((4,), 0.5 + 0.1 * w) for w in (0.0, 1.0, 2.5)}
+    per_image = {f"hybrid w_p {w:g}": {"similarity": s, "adherence": torch.tensor([1.0, 1.0, 0.0, float(w < 1)])}
+                 for w, s in sims.items()}
+    steps = hybrid_steps(per_image, [2.5, 0.0, 1.0])
+    assert [(st["from"], st["to"]) for st in steps] == [(0.0, 1.0), (1.0, 2.5)]
+    assert abs(steps[0]["similarity"]["mean"] - 0.1) < 1e-6 and abs(steps[1]["similarity"]["mean"] - 0.15) < 1e-6
+    assert steps[0]["adherence"]["mean"] == -0.25 and steps[1]["adherence"]["mean"] == 0.0
