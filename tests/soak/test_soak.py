@@ -1,5 +1,5 @@
 """Soak: 100 sequential prompts through one headless server, mixing every example workflow that samples (every
-pack node but the three training jobs, whose workflows run in tests/workflows), on every tiny architecture and the
+pack node but the training jobs, whose workflows run in tests/workflows), on every tiny architecture and the
 demo model (batch 1, at most 8 steps), at two seeds. Every prompt succeeds; the server's resident memory grows
 ≤ 5 % after warm-up; the same (workflow, architecture, seed) gives the same pixels every time it comes back, after
 other prompts ran in between (A, B, …, A: no state leaks between prompts; a sampler of the prompt really re-ran, not
@@ -33,7 +33,8 @@ WINDOW = 10                 # prompts per median of the memory comparison
 GROWTH_LIMIT = 0.05
 MAX_STEPS = 8
 # long training jobs that write weight files: run by tests/workflows (in-process and over HTTP), not repeated here
-LONG_JOBS = {"GL_AGDCollect", "GL_AGDTrain", "GL_ConceptEraseTrain", "GL_HypernetworkTrain"}
+LONG_JOBS = {"GL_AGDCollect", "GL_AGDTrain", "GL_ConceptEraseTrain", "GL_HypernetworkTrain",
+             "GL_HypernetworkBasis"}
 SEED_INPUTS = {"KSampler": "seed", "KSamplerAdvanced": "noise_seed", "SamplerCustom": "noise_seed",
                "RandomNoise": "noise_seed"}
 ARCHS = ("sd15_eps", "sd15_v", "sd3", "flux")
