@@ -256,7 +256,8 @@ def main(argv=None) -> int:
             row["fit_seconds_per_subject"] = r["fit_seconds"] / args.subjects
         table.append(row)
         print(json.dumps(row), flush=True)
-    steps = hybrid_steps(per_image, w_ps)
+    groups = torch.arange(args.subjects * len(captions) * n) // n      # one group per subject and prompt
+    steps = hybrid_steps(per_image, w_ps, groups)
     for step in steps:
         print(json.dumps(step), flush=True)
     import comfy.utils as cu
@@ -272,29 +273,39 @@ def main(argv=None) -> int:
                           "images": direct_n, "learning_rate": args.direct_lr}
     write_section(args.out, SECTION, render(table, info, args, captions, steps))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": table, "hybrid_steps": steps, "info": info, "prompts": captions},
-                                          indent=1, default=str))
+    samples = {k: {m: [round(float(x), 5) for x in v[m]] for m in ("similarity", "adherence")}
+               for k, v in per_image.items() if k.startswith("hybrid")}
+    Path(args.json).write_text(json.dumps({"rows": table, "hybrid_steps": steps, "info": info, "prompts": captions,
+                                           "hybrid_samples": samples}, indent=1, default=str))
     print(f"wrote section {SECTION!r} of {args.out}", flush=True)
     return 0
 
 
-def paired_change(a: torch.Tensor, b: torch.Tensor, *, draws: int = 2000, seed: int = 0) -> dict:
+def paired_change(a: torch.Tensor, b: torch.Tensor, groups: torch.Tensor | None = None, *, draws: int = 2000,
+                  seed: int = 0) -> dict:
     """Mean of b − a over paired samples (the same seed and prompt in both rows) with a 95 % percentile bootstrap
-    interval over the samples."""
+    interval. `groups` (an integer id per sample) makes it a cluster bootstrap: whole groups are resampled, as
+    samples of one group (one subject and prompt: same caption, same references) are not independent; without it,
+    every sample is its own group."""
     d = (b - a).double()
-    idx = torch.randint(0, len(d), (draws, len(d)), generator=torch.Generator().manual_seed(seed))
-    means = d[idx].mean(1)
+    ids = torch.arange(len(d)) if groups is None else torch.unique(groups, return_inverse=True)[1]
+    n = int(ids.max()) + 1
+    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, ids, d)
+    counts = torch.zeros(n, dtype=torch.float64).index_add_(0, ids, torch.ones_like(d))
+    idx = torch.randint(0, n, (draws, n), generator=torch.Generator().manual_seed(seed))
+    means = sums[idx].sum(1) / counts[idx].sum(1)
     return {"mean": float(d.mean()), "low": float(means.quantile(0.025)), "high": float(means.quantile(0.975))}
 
 
-def hybrid_steps(per_image: dict, w_ps: list[float]) -> list[dict]:
-    """For consecutive w_p values of the hybrid rows: the paired change of subject similarity and prompt adherence."""
+def hybrid_steps(per_image: dict, w_ps: list[float], groups: torch.Tensor | None = None) -> list[dict]:
+    """For consecutive w_p values of the hybrid rows: the paired change of subject similarity and prompt adherence
+    (`paired_change`, clustered by `groups`)."""
     ws = sorted(w_ps)
     out = []
     for lo, hi in zip(ws, ws[1:]):
         a, b = per_image[f"hybrid w_p {lo:g}"], per_image[f"hybrid w_p {hi:g}"]
-        out.append({"from": lo, "to": hi, "similarity": paired_change(a["similarity"], b["similarity"]),
-                    "adherence": paired_change(a["adherence"], b["adherence"])})
+        out.append({"from": lo, "to": hi, "similarity": paired_change(a["similarity"], b["similarity"], groups),
+                    "adherence": paired_change(a["adherence"], b["adherence"], groups)})
     return out
 
 
@@ -339,7 +350,8 @@ def render(table: list[dict], info: dict, args, captions: list[str], steps: list
                  f"{100 * st['adherence']['mean']:+.1f} [{100 * st['adherence']['low']:+.1f}, "
                  f"{100 * st['adherence']['high']:+.1f}] points" for st in steps]
         lines += ["", "Hybrid-model CFG, change between consecutive w_p, paired image by image (same seeds and "
-                  "prompts), mean with its 95 % bootstrap interval over the images: " + "; ".join(parts) + "."]
+                  "prompts), mean with its 95 % bootstrap interval (resampling whole subject × prompt groups, whose "
+                  "images share caption and references): " + "; ".join(parts) + "."]
     fits = [r for r in table if "fit_seconds_per_subject" in r]
     if fits:
         lines += ["", f"Direct LoRA fit rows: per subject, a rank-{info['direct']['rank']} LoRA on the hypernetwork's "

@@ -1,5 +1,5 @@
 """bench/personalize.py's paired changes between consecutive hybrid-model CFG rows: the mean difference and its
-bootstrap interval."""
+bootstrap interval, per sample or over groups of samples."""
 from __future__ import annotations
 
 import sys
@@ -32,3 +32,16 @@ def test_hybrid_steps_pair_consecutive_scales_in_order():
     assert [(st["from"], st["to"]) for st in steps] == [(0.0, 1.0), (1.0, 2.5)]
     assert abs(steps[0]["similarity"]["mean"] - 0.1) < 1e-6 and abs(steps[1]["similarity"]["mean"] - 0.15) < 1e-6
     assert steps[0]["adherence"]["mean"] == -0.25 and steps[1]["adherence"]["mean"] == 0.0
+
+
+def test_cluster_bootstrap_resamples_whole_groups():
+    """Samples that move together within a group: the cluster interval is wider than the per-sample one, and with
+    one sample per group the two are the same."""
+    gen = torch.Generator().manual_seed(2)
+    shifts = torch.randn(40, generator=gen).repeat_interleave(5)          # 40 groups of 5 equal changes
+    a = torch.zeros(200)
+    per_sample = paired_change(a, shifts)
+    clustered = paired_change(a, shifts, torch.arange(200) // 5)
+    assert abs(clustered["mean"] - per_sample["mean"]) < 1e-12
+    assert clustered["high"] - clustered["low"] > 1.8 * (per_sample["high"] - per_sample["low"])
+    assert paired_change(a, shifts, torch.arange(200)) == per_sample
