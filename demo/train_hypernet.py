@@ -114,14 +114,12 @@ def main(argv=None) -> dict:
         from pathlib import Path
         if net is None or not args.fits:
             raise SystemExit("--basis needs --resume (its encoder chooses and reads the prototypes) and --fits")
-        protos = ht.choose_prototypes(net, args.basis, pool=args.basis_pool, seed=args.seed)
-        log(f"prototypes: {protos}")
         fits = ht.load_fits(args.fits) if Path(args.fits).is_file() else None
-        fits = ht.fit_demo_subjects(model, clip, vae, protos, layers=LAYERS, rank=4, steps=args.fit_steps,
-                                    learning_rate=args.fit_lr, images=args.fit_images, fits=fits,
-                                    parallel=args.fit_parallel, after_each=lambda f: ht.save_fits(f, args.fits),
-                                    log=log)
-        net = ht.basis_from_fits(net, fits, protos, temperature=args.basis_temperature)
+        net = ht.build_basis(model, clip, vae, net, subjects=args.basis_pool, prototypes=args.basis, rank=4,
+                             fit_steps=args.fit_steps, fit_learning_rate=args.fit_lr, fit_parallel=args.fit_parallel,
+                             temperature=args.basis_temperature, seed=args.seed, fit_images=args.fit_images,
+                             fits=fits, after_each=lambda f: ht.save_fits(f, args.fits), log=log)
+        protos = net.info["basis"]["prototypes"]
         earlier = [dict(net.info)]          # the basis round (it holds the source network's settings)
         if steps == 0:
             net.info["command"] = " ".join(["python demo/train_hypernet.py",

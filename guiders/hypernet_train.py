@@ -242,11 +242,7 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
     (kernels/hypernet.py); resuming a network without that path adds it, zero-initialised, so training continues
     from the same function."""
     t0 = time.perf_counter()
-    if clip is None or vae is None:
-        raise hn_mod.HypernetError(f"{NODE}: connect the model's CLIP (captions) and VAE (encodes the subject "
-                                   "images into the model's latent space)")
-    if source not in SOURCES:
-        raise hn_mod.HypernetError(f"{NODE}: source {source!r}: choose one of {', '.join(SOURCES)}")
+    _check_clip_vae_source(NODE, clip, vae, source)
     _check(steps, learning_rate, subjects_per_step, ref_images, target_images, output_reg, resolution)
     if loss_space not in LOSS_SPACES:
         raise hn_mod.HypernetError(f"{NODE}: loss_space {loss_space!r}: choose one of {', '.join(LOSS_SPACES)}")
@@ -350,6 +346,15 @@ def train_hypernet(model, clip, vae, *, source: str = "demo subjects", folder: s
     logging.info("%s: %d steps in %.1f s; probe loss %.5f -> %.5f", NODE, steps, info["seconds"], history[0][1],
                  history[-1][1])
     return hn_mod.Hypernet(module, fam, layers, "trained", info)
+
+
+def _check_clip_vae_source(node: str, clip, vae, source: str) -> None:
+    """Clear errors for the training nodes: the model's CLIP and VAE connected, a known `source`."""
+    if clip is None or vae is None:
+        raise hn_mod.HypernetError(f"{node}: connect the model's CLIP (captions) and VAE (encodes the subject "
+                                   "images into the model's latent space)")
+    if source not in SOURCES:
+        raise hn_mod.HypernetError(f"{node}: source {source!r}: choose one of {', '.join(SOURCES)}")
 
 
 def _check_fit_inputs(name: str, clip, vae, sets, steps: int, batch: int, learning_rate: float) -> None:
@@ -677,8 +682,13 @@ def choose_prototypes(net: hn_mod.Hypernet, count: int, *, pool: int = 1000, ref
     return kmeans_prototypes(z, count, seed=seed)
 
 
+# How a subject's mixing embedding is read when a basis network is built: the mean unit embedding of `BASIS_DRAWS`
+# disjoint groups of `BASIS_REF_IMAGES` reference images.
+BASIS_REF_IMAGES, BASIS_DRAWS = 3, 4
+
+
 def basis_from_fits(net: hn_mod.Hypernet, fits: dict, prototypes: list[int], *, temperature: float = 0.05,
-                    ref_images: int = 3, draws: int = 4) -> hn_mod.Hypernet:
+                    ref_images: int = BASIS_REF_IMAGES, draws: int = BASIS_DRAWS) -> hn_mod.Hypernet:
     """A basis-decoder hypernetwork (kernels.hypernet, DESIGN) initialised from directly fitted LoRAs of prototype
     subjects (`fit_demo_subjects` with a shared A): `net`'s encoder and embedding head, the fits' A as the
     down-projections, prototype k's B as up-projection k, and the mixing map W = ẑ_k/τ (ẑ_k: prototype k's unit
@@ -745,24 +755,23 @@ def _folder_embeddings(net: hn_mod.Hypernet, data: FolderSubjects, ref_images: i
 def build_basis(model, clip, vae, net: hn_mod.Hypernet, *, source: str = "demo subjects", folder: str = "",
                 subjects: int = 1000, prototypes: int = 32, rank: int = 4, fit_steps: int = 300,
                 fit_learning_rate: float = 5e-3, fit_parallel: int = 8, resolution: int = 32,
-                temperature: float = 0.02, seed: int = 0, clip_vision=None, log=None) -> hn_mod.Hypernet:
+                temperature: float = 0.02, seed: int = 0, clip_vision=None, fit_images: int = 64,
+                fits: dict | None = None, after_each=None, log=None) -> hn_mod.Hypernet:
     """GL_HypernetworkBasis (DESIGN, after HyperLoRA's LoRA basis): a basis-decoder hypernetwork for `model` from
     `net` (whose encoder must already tell subjects apart): `prototypes` subjects chosen by k-means on `net`'s
     subject embeddings (`kmeans_prototypes`), each fitted directly (a rank-`rank` LoRA with one shared, seeded A;
     `fit_loras_together`, `fit_parallel` subjects per batched forward), become the K up-projections; the mixing
     weights start as a softmax over the cosine similarity to the prototypes at temperature τ. Continue it end to
     end with `train_hypernet(resume=...)`. Demo subjects: training subjects 0..subjects-1 (conv encoders); folder:
-    every sub-folder is a candidate and all its images (with their captions) are its fit's data."""
+    every sub-folder is a candidate and all its images (with their captions) are its fit's data. Demo subjects only:
+    `fit_images` images per fit, and `fits` / `after_each` are `fit_demo_subjects`'s (continue a saved collection;
+    save after every chunk), so a long build can be resumed."""
     t0 = time.perf_counter()
     node = BASIS_NODE
     if not isinstance(net, hn_mod.Hypernet):
         raise hn_mod.HypernetError(f"{node}: connect a hypernetwork (GL_HypernetworkLoader or "
                                    "GL_HypernetworkTrain) whose image encoder tells subjects apart")
-    if clip is None or vae is None:
-        raise hn_mod.HypernetError(f"{node}: connect the model's CLIP (captions) and VAE (encodes the subject "
-                                   "images into the model's latent space)")
-    if source not in SOURCES:
-        raise hn_mod.HypernetError(f"{node}: source {source!r}: choose one of {', '.join(SOURCES)}")
+    _check_clip_vae_source(node, clip, vae, source)
     for name, value, low in (("prototypes", prototypes, 1), ("rank", rank, 1), ("fit_steps", fit_steps, 1),
                              ("fit_parallel", fit_parallel, 1), ("resolution", resolution, 8)):
         if value < low:
@@ -782,7 +791,8 @@ def build_basis(model, clip, vae, net: hn_mod.Hypernet, *, source: str = "demo s
         if log:
             log(f"{node}: prototypes {chosen}")
         fits = fit_demo_subjects(model, clip, vae, chosen, layers=net.layers, rank=rank, steps=fit_steps,
-                                 learning_rate=fit_learning_rate, parallel=fit_parallel, log=log)
+                                 learning_rate=fit_learning_rate, images=fit_images, fits=fits,
+                                 parallel=fit_parallel, after_each=after_each, log=log)
         out = basis_from_fits(net, fits, chosen, temperature=temperature)
         out.info["basis"].update(source=source, seconds=round(time.perf_counter() - t0, 1))
         return out
@@ -791,7 +801,7 @@ def build_basis(model, clip, vae, net: hn_mod.Hypernet, *, source: str = "demo s
     if prototypes > len(data.items):
         raise hn_mod.HypernetError(f"{node}: prototypes ({prototypes}) must not exceed the {len(data.items)} "
                                    f"subject folders of {folder!r} (each needs at least 2 images)")
-    z = _folder_embeddings(net, data, ref_images=3, draws=4)
+    z = _folder_embeddings(net, data, ref_images=BASIS_REF_IMAGES, draws=BASIS_DRAWS)
     chosen = kmeans_prototypes(z, prototypes, seed=seed)
     if log:
         log(f"{node}: prototypes {[data.items[i][0] for i in chosen]}")
@@ -805,9 +815,9 @@ def build_basis(model, clip, vae, net: hn_mod.Hypernet, *, source: str = "demo s
         probes += info["probe_loss"]
     return _basis_network(net, downs, ups, z[chosen], temperature, {
         "source": source, "prototypes": [data.items[i][0] for i in chosen], "temperature": temperature,
-        "ref_images": 3, "draws": 4, "fits": {"layers": net.layers, "rank": rank, "steps": fit_steps,
-                                              "learning_rate": fit_learning_rate, "down_seed": 0,
-                                              "probe_loss": probes},
+        "ref_images": BASIS_REF_IMAGES, "draws": BASIS_DRAWS,
+        "fits": {"layers": net.layers, "rank": rank, "steps": fit_steps, "learning_rate": fit_learning_rate,
+                 "down_seed": 0, "probe_loss": probes},
         "seconds": round(time.perf_counter() - t0, 1)})
 
 

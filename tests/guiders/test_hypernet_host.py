@@ -773,6 +773,10 @@ def test_basis_builder_from_a_folder_on_flux(ht, hn, text_model, tmp_path):
         ht.build_basis(model, clip, vae, net, source="folder", folder=str(tmp_path), fit_steps=0)
     with pytest.raises(Exception, match=r"GL_HypernetworkBasis: connect a hypernetwork"):
         ht.build_basis(model, clip, vae, None)
+    with pytest.raises(Exception, match=r"GL_HypernetworkBasis: connect the model's CLIP \(captions\) and VAE"):
+        ht.build_basis(model, clip, None, net, source="folder", folder=str(tmp_path))
+    with pytest.raises(Exception, match=r"GL_HypernetworkBasis: source 'web': choose one of demo subjects, folder"):
+        ht.build_basis(model, clip, vae, net, source="web")
 
 
 def test_basis_builder_with_a_clip_vision_hypernetwork(ht, hn, text_model, vision, tmp_path):
