@@ -1380,7 +1380,9 @@ def parse_args(argv=None):
         ap.error("need --images, --per-prompt, --steps, --threads >= 1")
     for flag, (keys, section, title, share) in ROW_SETS.items():
         if getattr(args, flag.replace("-", "_")):
-            args.configs, args.section = keys, section
+            args.configs = keys
+            if args.section == ap.get_default("section"):      # an explicit --section keeps its own name
+                args.section = section
             if share is not None and args.pair_share is None:
                 args.pair_share = share
             if title and args.title == ap.get_default("title"):

@@ -318,6 +318,16 @@ def test_agd_rows_can_run_a_candidate_adapter(quality, weights, tmp_path):
         quality.parse_args(["--agd-adapter", str(tmp_path / "missing.safetensors")])
 
 
+def test_row_set_shorthands_name_their_section_unless_one_is_given(quality):
+    """--agd alone writes section agd; with an explicit --section the run keeps that name (a second table of the
+    same rows under other settings must not overwrite the first)."""
+    plain = quality.parse_args(["--agd"])
+    assert plain.section == "agd" and plain.configs == quality.ROW_SETS["agd"][0]
+    named = quality.parse_args(["--agd", "--section", "agd_batch16", "--title", "AGD, 16 per batch"])
+    assert named.section == "agd_batch16" and named.configs == plain.configs and named.title == "AGD, 16 per batch"
+    assert named.json.endswith("agd_batch16.json") and named.grid.endswith("agd_batch16_grid.png")
+
+
 def test_diffier_graph_text_names_the_settings_the_rows_ran(quality):
     """The Graphs line describes the DiffIER settings of the run's rows, not the node's defaults."""
     by_key = {c.key: c for c in quality.all_configs(3.0) + quality.extra_configs()}
