@@ -37,6 +37,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="safetensors file to write")
+    p.add_argument("--half", action="store_true",
+                   help="store the weights as float16 (half the file; loading widens them to float32)")
     p.add_argument("--resume", nargs="?", const=str(DEFAULT_OUT), default=None,
                    help="continue this hypernetwork file (no value: the shipped one)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -124,7 +126,7 @@ def main(argv=None) -> dict:
         if steps == 0:
             net.info["command"] = " ".join(["python demo/train_hypernet.py",
                                             *recorded_args(sys.argv[1:] if argv is None else argv)])
-            out = hn.save(net, args.out)
+            out = hn.save(net, args.out, half=args.half)
             log(f"wrote {out}: basis decoder from {len(protos)} prototype fits")
             return net.info
     elif args.fits:
@@ -145,7 +147,7 @@ def main(argv=None) -> dict:
             if net is not None and args.regress_steps:
                 net.info["command"] = " ".join(["python demo/train_hypernet.py",
                                                 *recorded_args(sys.argv[1:] if argv is None else argv)])
-                out = hn.save(net, args.out)
+                out = hn.save(net, args.out, half=args.half)
                 log(f"wrote {out}: regression only")
                 return net.info
             return {}
@@ -170,7 +172,7 @@ def main(argv=None) -> dict:
         "threads": args.threads, "torch": torch.__version__, "wall_seconds": round(seconds, 1)})
     if earlier:
         result.info["rounds"] = earlier
-    out = hn.save(result, args.out)
+    out = hn.save(result, args.out, half=args.half)
     history = result.info["loss_history"]
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {steps} steps in {seconds:.0f} s; probe loss "
         f"{history[0][1]:.5f} -> {history[-1][1]:.5f}")

@@ -99,15 +99,19 @@ _FILES = WeightFolder(FOLDER_NAME, FOLDER_NAME, PACK_FILES, HypernetError, "hype
 folders, files, resolve = _FILES.folders, _FILES.files, _FILES.resolve
 
 
-def save(hn: Hypernet, path: str | Path, extra: dict | None = None) -> Path:
-    """Write a hypernetwork as safetensors (weights float32; metadata: format, family, layers, config, targets)."""
+def save(hn: Hypernet, path: str | Path, extra: dict | None = None, *, half: bool = False) -> Path:
+    """Write a hypernetwork as safetensors (metadata: format, family, layers, config, targets). Weights are float32,
+    or with `half` float16 (half the file; `load` widens them to float32 again, so only the stored values are
+    rounded: a relative error of about 5e-4 per weight)."""
     import comfy.utils
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "family": hn.family, "layers": hn.layers, "config": json.dumps(hn.module.config),
             "targets": json.dumps([[t.key, t.out_dim, t.in_dim] for t in hn.targets]),
             "info": json.dumps({**hn.info, **(extra or {})}, sort_keys=True)}
-    sd = {k: v.detach().float().cpu().contiguous() for k, v in hn.module.state_dict().items()}
+    dtype = torch.float16 if half else torch.float32
+    sd = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).cpu().contiguous()
+          for k, v in hn.module.state_dict().items()}
     comfy.utils.save_torch_file(sd, str(path), metadata=meta)
     return path
 

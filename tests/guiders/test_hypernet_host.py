@@ -77,6 +77,28 @@ def test_file_round_trip_and_prediction(hn, demo_model, tmp_path):
         hn.load(tmp_path / "h.pt")
 
 
+def test_half_storage_halves_the_file_and_loads_back_as_float32(hn, tmp_path):
+    """save(half=True): float16 on disk, half the bytes; the loaded network is float32 and predicts the shipped
+    file's weight updates to float16 rounding."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+    net = hn.load(Path(__file__).resolve().parents[2] / "demo" / "weights" / "demo_hypernet.safetensors")
+    full, half = hn.save(net, tmp_path / "f.safetensors"), hn.save(net, tmp_path / "h.safetensors", half=True)
+    with safe_open(str(half), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert 0.49 < half.stat().st_size / full.stat().st_size < 0.52
+    back = hn.load(half)
+    assert all(p.dtype == torch.float32 for p in back.module.parameters())
+    assert back.module.config == net.module.config and back.info == net.info
+    pics = hn.subject_images(_images(), net.module.config["image_size"])
+    want, got = hn.hk.deltas(net.module(pics[None])), hn.hk.deltas(back.module(pics[None]))
+    assert set(got) == set(want)
+    for key in want:
+        err = float((got[key] - want[key]).norm() / want[key].norm())
+        assert 0 < err < 5e-3, (key, err)
+
+
 def test_several_images_are_fused_and_sizes_are_normalised(hn, demo_model):
     patcher, _clip, _vae = demo_model
     net = _untrained(hn, patcher)
