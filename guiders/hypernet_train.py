@@ -796,6 +796,9 @@ def build_basis(model, clip, vae, net: hn_mod.Hypernet, *, source: str = "demo s
         out = basis_from_fits(net, fits, chosen, temperature=temperature)
         out.info["basis"].update(source=source, seconds=round(time.perf_counter() - t0, 1))
         return out
+    if fits is not None or after_each is not None:
+        raise hn_mod.HypernetError(f"{node}: a saved collection of fits (fits / after_each) is for source demo "
+                                   "subjects only; a folder build fits its prototypes afresh")
     featurize, _cfg = _feature_encoder(net, clip_vision, resolution, 0, node=node)
     data = FolderSubjects(folder, resolution, node=node, featurize=featurize)
     if prototypes > len(data.items):

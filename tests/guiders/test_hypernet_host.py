@@ -799,6 +799,8 @@ def test_basis_builder_from_a_folder_on_flux(ht, hn, text_model, tmp_path):
         ht.build_basis(model, clip, None, net, source="folder", folder=str(tmp_path))
     with pytest.raises(Exception, match=r"GL_HypernetworkBasis: source 'web': choose one of demo subjects, folder"):
         ht.build_basis(model, clip, vae, net, source="web")
+    with pytest.raises(Exception, match=r"GL_HypernetworkBasis: a saved collection of fits .* demo subjects only"):
+        ht.build_basis(model, clip, vae, net, source="folder", folder=str(tmp_path), fits={"A": None, "B": {}})
 
 
 def test_basis_builder_with_a_clip_vision_hypernetwork(ht, hn, text_model, vision, tmp_path):
