@@ -2,7 +2,8 @@
 execution path.
 
     python bench/personalize.py [--hypernet demo/weights/demo_hypernet.safetensors] [--subjects 8] [--prompts 12]
-                                [--images-per-prompt 2] [--w-p 0,1,2,3,4] [--out BENCHMARKS.md]
+                                [--images-per-prompt 2] [--w-p 0,1,2,3,4] [--hybrid-start 0] [--hybrid-only]
+                                [--section personalization] [--out BENCHMARKS.md]
 
 Held-out subjects (demo/subjects.py split "heldout": patterns the hypernetwork never saw) × prompts "a <colour>
 <shape>"; per subject, 3 of its images (GL_DemoSubjectImages) go to GL_Personalize. Rows (same seeds everywhere;
@@ -10,7 +11,9 @@ euler, normal, 20 steps, empty negative):
     base               KSampler, cfg 5, the demo model
     personalized       KSampler, cfg 5, the personalized model
     hybrid w_p         GL_MultiModelGuider mode hybrid on the base model: D_u + 5·(D_b − D_u) + w_p·(D_p − D_b),
-                       the personalized term through the LoRA hook on positive_2 (ConditioningSetProperties)
+                       the personalized term through the LoRA hook on positive_2 (ConditioningSetProperties);
+                       --hybrid-start S: that term only from start_percent S on (plain CFG on the base model over
+                       the noisiest S of the schedule, where the composition forms)
     direct LoRA fit    with --direct-fit STEPS: KSampler, cfg 5, the demo model with a LoRA (the hypernetwork's layers
                        and rank) optimised on N images of the subject for STEPS steps (guiders/hypernet_train.fit_lora,
                        the per-subject optimisation a hypernetwork replaces), loaded by the core LoraLoaderModelOnly;
@@ -24,8 +27,9 @@ subject-evaluator features and the mean features of 16 ground-truth images of th
 the other held-out subjects and the share of samples nearest their own subject (whether samples show *their*
 subject or one look for all), the share read as flat
 (no pattern), model rows per step (UNet batch rows per image and step, counted by GLBench_CountNFE),
-seconds per image (wall time of the graph runs, sampling included). Writes section `personalization` of --out and
-bench/results/personalization.json.
+seconds per image (wall time of the graph runs, sampling included). Writes section --section (default
+`personalization`) of --out and bench/results/personalization.json (--json). --hybrid-only leaves out the base and
+personalized rows (hybrid w_p 0 is the base model).
 """
 from __future__ import annotations
 
@@ -63,7 +67,7 @@ def prompt_list(n: int) -> list[tuple[str, str]]:
 
 
 def graph(row: str, w_p: float, subject: int, caption: str, seed: int, batch: int, hypernet: str,
-          lora: str = "") -> dict:
+          lora: str = "", start_percent: float = 0.0) -> dict:
     g = {"1": {"class_type": "GL_DemoModelLoader", "inputs": {"checkpoint": "demo_model"}},
          "2": {"class_type": "GL_HypernetworkLoader", "inputs": {"hypernetwork": hypernet}},
          "3": {"class_type": "CLIPTextEncode", "inputs": {"text": caption, "clip": ["1", 1]}},
@@ -93,8 +97,9 @@ def graph(row: str, w_p: float, subject: int, caption: str, seed: int, batch: in
     g["12"] = {"class_type": "ConditioningSetProperties", "inputs": {
         "cond_NEW": ["3", 0], "strength": 1.0, "set_cond_area": "default", "hooks": ["8", 1]}}
     g["13"] = {"class_type": "GL_MultiModelGuider", "inputs": {
-        "model": ["9", 0], "positive": ["3", 0], "mode": "hybrid", "cfg": CFG, "scale_2": w_p, "start_percent": 0.0,
-        "end_percent": 1.0, "max_ratio": 0.0, "negative": ["4", 0], "positive_2": ["12", 0]}}
+        "model": ["9", 0], "positive": ["3", 0], "mode": "hybrid", "cfg": CFG, "scale_2": w_p,
+        "start_percent": start_percent, "end_percent": 1.0, "max_ratio": 0.0, "negative": ["4", 0],
+        "positive_2": ["12", 0]}}
     g["14"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}}
     g["15"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
     g["16"] = {"class_type": "BasicScheduler", "inputs": {"model": ["9", 0], "scheduler": "normal", "steps": STEPS,
@@ -129,6 +134,11 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--images-per-prompt", type=int, default=2)
     ap.add_argument("--w-p", default="0,1,2,3,4")
+    ap.add_argument("--hybrid-start", type=float, default=0.0,
+                    help="start_percent of the personalized term in the hybrid rows (0 = every step; 0.3 = the "
+                         "personal model only after the noisiest 30 %%: base-early / personal-late)")
+    ap.add_argument("--hybrid-only", action="store_true", help="leave out the base and personalized rows")
+    ap.add_argument("--section", default=SECTION, help="the BENCHMARKS.md section (its markers) to write")
     ap.add_argument("--direct-fit", type=int, default=0,
                     help="steps of a LoRA optimised directly per subject (0: no direct-fit rows)")
     ap.add_argument("--direct-images", default="3", help="images of the subject per direct fit, one row per value")
@@ -164,8 +174,8 @@ def main(argv=None) -> int:
     n = args.images_per_prompt
     w_ps = [float(v) for v in args.w_p.split(",") if v.strip()]
     direct_n = [int(v) for v in args.direct_images.split(",") if v.strip()] if args.direct_fit > 0 else []
-    rows = ([("base", 0.0), ("personalized", 0.0)] + [("hybrid", w) for w in w_ps]
-            + [("direct", float(k)) for k in direct_n])
+    rows = ([] if args.hybrid_only else [("base", 0.0), ("personalized", 0.0)]) + [("hybrid", w) for w in w_ps]
+    rows += [("direct", float(k)) for k in direct_n]
 
     def row_name(r: str, w: float) -> str:
         return {"hybrid": f"hybrid w_p {w:g}", "direct": f"direct LoRA fit, {w:g} images"}.get(r, r)
@@ -201,7 +211,7 @@ def main(argv=None) -> int:
                 key = row_name(r, w)
                 for k, cap in enumerate(captions):
                     imgs, unet_rows, secs = runner.run(graph(r, w, s, cap, args.seed + 100 * s + k, n,
-                                                             hpath.name, loras.get(int(w), "")))
+                                                             hpath.name, loras.get(int(w), ""), args.hybrid_start))
                     per_row[key]["images"].append(imgs)
                     per_row[key]["unet_rows"] += unet_rows
                     per_row[key]["subject"] += [s] * len(imgs)
@@ -271,13 +281,13 @@ def main(argv=None) -> int:
     if direct_n:
         info["direct"] = {"layers": net.layers, "rank": net.module.config["rank"], "steps": args.direct_fit,
                           "images": direct_n, "learning_rate": args.direct_lr}
-    write_section(args.out, SECTION, render(table, info, args, captions, steps))
+    write_section(args.out, args.section, render(table, info, args, captions, steps))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     samples = {k: {m: [round(float(x), 5) for x in v[m]] for m in ("similarity", "adherence")}
                for k, v in per_image.items() if k.startswith("hybrid")}
     Path(args.json).write_text(json.dumps({"rows": table, "hybrid_steps": steps, "info": info, "prompts": captions,
                                            "hybrid_samples": samples}, indent=1, default=str))
-    print(f"wrote section {SECTION!r} of {args.out}", flush=True)
+    print(f"wrote section {args.section!r} of {args.out}", flush=True)
     return 0
 
 
@@ -310,8 +320,11 @@ def hybrid_steps(per_image: dict, w_ps: list[float], groups: torch.Tensor | None
 
 
 def render(table: list[dict], info: dict, args, captions: list[str], steps: list[dict] | None = None) -> str:
+    title = ("## Hypernetwork personalization and hybrid-model CFG on the demo model (CPU)" if args.hybrid_start <= 0
+             else f"## Hybrid-model CFG, base model early and personal term from start_percent {args.hybrid_start:g} "
+                  "on (demo model, CPU)")
     lines = [
-        "## Hypernetwork personalization and hybrid-model CFG on the demo model (CPU)",
+        title,
         "",
         f"Command: `{info['command']}` · {info['cpu']} ({info['cores']} cores) · ComfyUI {info['comfy']} · rev "
         f"{info['rev']} · {info['date']} · {info['wall']:.0f} s in all.",
@@ -319,7 +332,9 @@ def render(table: list[dict], info: dict, args, captions: list[str], steps: list
         f"Hypernetwork `{info['hypernet']}`: {json.dumps(info['hypernet_info'], sort_keys=True)}.",
         "",
         f"{args.subjects} held-out subjects × {len(captions)} prompts ('a <colour> <shape>') × "
-        f"{args.images_per_prompt} images; cfg {CFG:g}, euler, 20 steps, empty negative; same seeds in every row.",
+        f"{args.images_per_prompt} images; cfg {CFG:g}, euler, 20 steps, empty negative; same seeds in every row"
+        + (f"; hybrid rows: the personalized term from start_percent {args.hybrid_start:g} on (base model only "
+           "before)." if args.hybrid_start > 0 else "."),
         "",
         "| row | prompt adherence | attribute accuracy (world evaluator) | subject pattern accuracy | flat (no "
         "pattern) | subject similarity | similarity to the other subjects | own subject nearest | model rows / step "
@@ -342,8 +357,9 @@ def render(table: list[dict], info: dict, args, captions: list[str], steps: list
               "patterned shapes: see its ground-truth figure). The ground-truth row is the evaluators' ceiling. "
               "Model rows per step: UNet batch rows per image and step, counted by the bench node "
               "GLBench_CountNFE (a DIFFUSION_MODEL wrapper on the loaded model, which the personalized clone and the "
-              "guider inherit): 2 for CFG, 3 for hybrid-model CFG with w_p > 0 (the guider evaluates a term only "
-              "when its coefficient is non-zero)."]
+              "guider inherit): 2 for CFG, 3 for hybrid-model CFG with w_p > 0 inside the personal term's window and 2 "
+              "outside it (the guider evaluates a term only when its coefficient is non-zero and it is in its "
+              "window)."]
     if steps:
         parts = [f"{st['from']:g} → {st['to']:g}: similarity {st['similarity']['mean']:+.3f} "
                  f"[{st['similarity']['low']:+.3f}, {st['similarity']['high']:+.3f}], adherence "

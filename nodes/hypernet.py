@@ -79,7 +79,9 @@ class Personalize(io.ComfyNode):
                 "per-subject training. Outputs the personalized model (the LoRA as weight patches on a clone; the "
                 "input model is untouched) and the same LoRA as HOOKS for hybrid-model CFG on one model: "
                 "GL_MultiModelGuider, mode hybrid, base model as model, and the prompt with these hooks "
-                "(ConditioningSetProperties) as positive_2 — D_u + cfg·(D_b − D_u) + w_p·(D_personal − D_b). "
+                "(ConditioningSetProperties) as positive_2 — D_u + cfg·(D_b − D_u) + w_p·(D_personal − D_b); "
+                "start_percent ≈ 0.3 there keeps more of the prompt (the base model alone while shape and colour "
+                "form; measured on the demo, README). "
                 "Several images are fused by attention over all of them. A hypernetwork trained with a CLIP vision "
                 "model needs that same model on clip_vision (the demo hypernetwork has its own encoder and needs "
                 "none). 0 extra NFEs (hybrid CFG: +1 per step). " + DESIGN_NOTE),

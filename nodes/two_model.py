@@ -48,7 +48,9 @@ class MultiModelGuider(io.ComfyNode):
                     "autoguidance, npo and cfg.")),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip=(
                     "Start of the window of model_2's term (fraction of the noise schedule, 0 = noisiest). "
-                    "Outside it the term is dropped and costs nothing.")),
+                    "Outside it the term is dropped and costs nothing. hybrid: about 0.3 (the base model alone "
+                    "while the composition forms, the subject after; measured on the demo: more of the prompt "
+                    "kept for the same subject similarity).")),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, tooltip=(
                     "End of model_2's window; must be larger than start_percent. sine: about 0.6 (the paper "
                     "uses the fine-tuned model while t > 400 of 1000).")),

@@ -45,3 +45,15 @@ def test_cluster_bootstrap_resamples_whole_groups():
     assert abs(clustered["mean"] - per_sample["mean"]) < 1e-12
     assert clustered["high"] - clustered["low"] > 1.8 * (per_sample["high"] - per_sample["low"])
     assert paired_change(a, shifts, torch.arange(200)) == per_sample
+
+
+def test_hybrid_window_reaches_the_guider_only():
+    """--hybrid-start sets the guider's start_percent in the hybrid rows; the other rows have no guider."""
+    from bench.personalize import graph
+    g = graph("hybrid", 2.0, 0, "a red square", 1, 2, "h.safetensors", "", 0.3)
+    guider = [n for n in g.values() if n["class_type"] == "GL_MultiModelGuider"]
+    assert len(guider) == 1 and guider[0]["inputs"]["start_percent"] == 0.3
+    assert guider[0]["inputs"]["scale_2"] == 2.0 and guider[0]["inputs"]["end_percent"] == 1.0
+    assert graph("hybrid", 2.0, 0, "a red square", 1, 2, "h.safetensors")["13"]["inputs"]["start_percent"] == 0.0
+    base = graph("base", 0.0, 0, "a red square", 1, 2, "h.safetensors", "", 0.3)
+    assert not any(n["class_type"] == "GL_MultiModelGuider" for n in base.values())
