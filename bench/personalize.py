@@ -28,7 +28,7 @@ the other held-out subjects and the share of samples nearest their own subject (
 subject or one look for all), the share read as flat
 (no pattern), model rows per step (UNet batch rows per image and step, counted by GLBench_CountNFE),
 seconds per image (wall time of the graph runs, sampling included). Writes section --section (default
-`personalization`) of --out and bench/results/personalization.json (--json). --hybrid-only leaves out the base and
+`personalization`) of --out and bench/results/<section>.json (--json). --hybrid-only leaves out the base and
 personalized rows (hybrid w_p 0 is the base model).
 """
 from __future__ import annotations
@@ -57,6 +57,12 @@ SECTION = "personalization"
 CFG = 5.0
 STEPS = 20
 DEFAULT_HYPERNET = REPO / "demo" / "weights" / "demo_hypernet.safetensors"
+
+
+def json_path(section: str) -> Path:
+    """The default JSON file of a section's run: one per section, so runs written to different sections never
+    overwrite each other's rows."""
+    return BENCH_DIR / "results" / f"{section}.json"
 
 
 def prompt_list(n: int) -> list[tuple[str, str]]:
@@ -146,8 +152,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
-    ap.add_argument("--json", default=str(BENCH_DIR / "results" / "personalization.json"))
+    ap.add_argument("--json", default=None, help="where the rows go as JSON (default: bench/results/<section>.json)")
     args = ap.parse_args(argv)
+    args.json = args.json or str(json_path(args.section))
     wall0 = time.perf_counter()
     host = q.boot_host("pytorch")
     import logging

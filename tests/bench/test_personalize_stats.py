@@ -57,3 +57,10 @@ def test_hybrid_window_reaches_the_guider_only():
     assert graph("hybrid", 2.0, 0, "a red square", 1, 2, "h.safetensors")["13"]["inputs"]["start_percent"] == 0.0
     base = graph("base", 0.0, 0, "a red square", 1, 2, "h.safetensors", "", 0.3)
     assert not any(n["class_type"] == "GL_MultiModelGuider" for n in base.values())
+
+
+def test_each_section_has_its_own_default_json():
+    from bench.personalize import SECTION, json_path
+    assert json_path(SECTION).name == "personalization.json"      # the main run's file, as before
+    assert json_path("personalization_late") != json_path(SECTION)
+    assert json_path("personalization_late").parent == json_path(SECTION).parent
